@@ -1,0 +1,1 @@
+"""layerkv: LLM serving on Kubernetes that keeps time-to-first-token low for long prompts."""

@@ -1,0 +1,201 @@
+"""The Redis store of the control plane: request outcomes, windowed SLO metrics, targets.
+
+One module, used by the admission service (writes outcomes, reads targets) and the
+operator (writes targets, reads windowed violation rates and percentiles).
+
+Keys (``prefix`` defaults to ``layerkv``):
+
+* ``{prefix}:outcome:{request_id}`` hash: one record per request, expires after
+  ``outcome_ttl_s``.
+* ``{prefix}:bucket:{slo_class}:{start}`` hash: aggregates of the outcomes that finished
+  in ``[start, start + bucket_s)``: ``n``, ``errors``, ``v_ttft``, ``v_tpot``, ``v_any``,
+  ``ttft:{i}`` / ``tpot:{i}`` histogram counts (bounds in ``slo.LATENCY_BUCKETS_S``),
+  ``newest``. Expires after ``retention_s``, so memory is bounded by
+  classes x retention / bucket_s.
+* ``{prefix}:target:{slo_class}`` hash: the class's targets (written by the operator).
+* ``{prefix}:classes`` set: class names that have targets or outcomes.
+
+Each outcome is written in one MULTI/EXEC transaction, so readers never see a request
+counted in ``n`` but not in its histograms.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, fields
+
+import redis
+
+from layerkv.common.slo import (
+    LATENCY_BUCKETS_S,
+    RequestOutcome,
+    SloTarget,
+    WindowStats,
+    histogram_index,
+    violations,
+)
+
+_NB = len(LATENCY_BUCKETS_S)
+
+
+class MetricsStore:
+    """Synchronous store over one redis-py client. Methods raise ``redis.RedisError``
+    when Redis is unreachable; callers decide whether that is fatal."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "layerkv",
+        bucket_s: int = 5,
+        retention_s: int = 3600,
+        outcome_ttl_s: int = 3600,
+    ) -> None:
+        if bucket_s < 1 or retention_s < bucket_s:
+            raise ValueError("need 1 <= bucket_s <= retention_s")
+        self.client = client
+        self.prefix = prefix
+        self.bucket_s = bucket_s
+        self.retention_s = retention_s
+        self.outcome_ttl_s = outcome_ttl_s
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs) -> MetricsStore:
+        """``redis://[:password@]host:port/db`` or ``unix:///path/to/socket``.
+        Short timeouts: a slow Redis must not stall request handling."""
+        client = redis.Redis.from_url(
+            url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=True
+        )
+        return cls(client, **kwargs)
+
+    # -- keys --------------------------------------------------------------------------
+
+    def _outcome_key(self, request_id: str) -> str:
+        return f"{self.prefix}:outcome:{request_id}"
+
+    def _bucket_key(self, slo_class: str, start: int) -> str:
+        return f"{self.prefix}:bucket:{slo_class}:{start}"
+
+    def _target_key(self, slo_class: str) -> str:
+        return f"{self.prefix}:target:{slo_class}"
+
+    @property
+    def _classes_key(self) -> str:
+        return f"{self.prefix}:classes"
+
+    def _bucket_start(self, t: float) -> int:
+        return int(t // self.bucket_s) * self.bucket_s
+
+    # -- outcomes ----------------------------------------------------------------------
+
+    def record_outcome(self, outcome: RequestOutcome, target: SloTarget | None) -> None:
+        """Store one request's outcome and fold it into its class's time bucket."""
+        v = violations(outcome, target)
+        record = {k: ("" if val is None else val) for k, val in asdict(outcome).items()}
+        record.update(ttft_violated=int(v.ttft), tpot_violated=int(v.tpot))
+        bkey = self._bucket_key(outcome.slo_class, self._bucket_start(outcome.finished_at))
+        pipe = self.client.pipeline(transaction=True)
+        okey = self._outcome_key(outcome.request_id)
+        pipe.hset(okey, mapping=record)
+        pipe.expire(okey, self.outcome_ttl_s)
+        pipe.hincrby(bkey, "n", 1)
+        if outcome.status in ("error", "rejected"):
+            pipe.hincrby(bkey, "errors", 1)
+        if v.ttft:
+            pipe.hincrby(bkey, "v_ttft", 1)
+        if v.tpot:
+            pipe.hincrby(bkey, "v_tpot", 1)
+        if v.any:
+            pipe.hincrby(bkey, "v_any", 1)
+        if outcome.ttft_s is not None:
+            pipe.hincrby(bkey, f"ttft:{histogram_index(outcome.ttft_s)}", 1)
+        if outcome.tpot_s is not None:
+            pipe.hincrby(bkey, f"tpot:{histogram_index(outcome.tpot_s)}", 1)
+        pipe.hset(bkey, "newest", outcome.finished_at)
+        pipe.expire(bkey, self.retention_s + self.bucket_s)
+        pipe.sadd(self._classes_key, outcome.slo_class)
+        pipe.execute()
+
+    def get_outcome(self, request_id: str) -> dict[str, str] | None:
+        """The stored record of one request (all values as strings), or None."""
+        return self.client.hgetall(self._outcome_key(request_id)) or None
+
+    def window_stats(
+        self, slo_class: str, window_s: float, now: float | None = None
+    ) -> WindowStats:
+        """Aggregates over the buckets that overlap ``[now - window_s, now]``.
+
+        Bucket granularity: the oldest bucket counts whole, so the window is up to
+        ``bucket_s`` longer than asked."""
+        now = time.time() if now is None else now
+        window_s = min(window_s, self.retention_s)
+        first = self._bucket_start(now - window_s)
+        last = self._bucket_start(now)
+        pipe = self.client.pipeline(transaction=False)
+        for start in range(first, last + 1, self.bucket_s):
+            pipe.hgetall(self._bucket_key(slo_class, start))
+        totals = {"n": 0, "errors": 0, "v_ttft": 0, "v_tpot": 0, "v_any": 0}
+        ttft, tpot = [0] * _NB, [0] * _NB
+        newest: float | None = None
+        for bucket in pipe.execute():
+            for name, value in bucket.items():
+                if name in totals:
+                    totals[name] += int(value)
+                elif name == "newest":
+                    newest = max(newest or 0.0, float(value))
+                else:
+                    kind, _, idx = name.partition(":")
+                    (ttft if kind == "ttft" else tpot)[int(idx)] += int(value)
+        return WindowStats(
+            slo_class=slo_class,
+            window_s=window_s,
+            requests=totals["n"],
+            errors=totals["errors"],
+            ttft_violations=totals["v_ttft"],
+            tpot_violations=totals["v_tpot"],
+            violations=totals["v_any"],
+            ttft_hist=tuple(ttft),
+            tpot_hist=tuple(tpot),
+            newest_at=newest,
+        )
+
+    # -- targets -----------------------------------------------------------------------
+
+    def put_target(self, target: SloTarget) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self._target_key(target.name), mapping=asdict(target))
+        pipe.sadd(self._classes_key, target.name)
+        pipe.execute()
+
+    def get_target(self, slo_class: str) -> SloTarget | None:
+        raw = self.client.hgetall(self._target_key(slo_class))
+        return _target_from_hash(raw) if raw else None
+
+    def list_targets(self) -> list[SloTarget]:
+        names = sorted(self.client.smembers(self._classes_key))
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(self._target_key(name))
+        return [_target_from_hash(raw) for raw in pipe.execute() if raw]
+
+    def delete_class(self, slo_class: str) -> int:
+        """Remove a class's target and all its buckets; returns the keys deleted."""
+        keys = [self._target_key(slo_class)]
+        keys += list(self.client.scan_iter(match=self._bucket_key(slo_class, "*"), count=500))
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(*keys)
+        pipe.srem(self._classes_key, slo_class)
+        deleted, _ = pipe.execute()
+        return int(deleted)
+
+    def ping(self) -> bool:
+        return bool(self.client.ping())
+
+
+def _target_from_hash(raw: dict[str, str]) -> SloTarget:
+    kwargs = {}
+    for f in fields(SloTarget):
+        if f.name in raw:
+            kwargs[f.name] = raw[f.name] if f.name == "name" else float(raw[f.name])
+    return SloTarget(**kwargs)
+
