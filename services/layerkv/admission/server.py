@@ -249,13 +249,9 @@ def build_service(settings: AdmissionSettings) -> AdmissionService:
     )
 
 
-def add_admission_service(server: grpc.aio.Server, service: AdmissionService) -> None:
-    server.add_generic_rpc_handlers(
-        (
-            serving.strict_generic_handler(
-                SERVICE, service, serving.message_classes(admission_pb2, common_pb2)
-            ),
-        )
+async def start_server(service: AdmissionService, host: str, port: int) -> serving.RunningServer:
+    return await serving.start_grpc_server(
+        SERVICE, service, [admission_pb2, common_pb2], host, port
     )
 
 
@@ -265,25 +261,21 @@ async def serve(settings: AdmissionSettings) -> None:
     stop = asyncio.Event()
     serving.install_shutdown_signals(stop)
     service = build_service(settings)
-    server = grpc.aio.server(options=serving.KEEPALIVE_SERVER_OPTIONS)
-    add_admission_service(server, service)
-    health = serving.add_health_and_reflection(server, [SERVICE.full_name])
-    address = f"{settings.host}:{settings.port}"
-    if not server.add_insecure_port(address):
-        raise SystemExit(f"cannot listen on {address}")
-    await server.start()
+    running = await start_server(service, settings.host, settings.port)
     serving.start_metrics_server(settings.metrics_port)
     service.recorder.start()
     refresher = asyncio.create_task(service.catalog.refresh_forever(settings.slo_refresh_s))
-    await serving.set_serving(health, [SERVICE.full_name], True)
-    log.info("admission serving on %s, workers %s", address, ", ".join(settings.workers))
+    await running.set_serving(True)
+    log.info(
+        "admission serving on %s:%d, workers %s", settings.host, running.port, settings.workers
+    )
     try:
         await stop.wait()
     finally:
         log.info("draining (%d in flight)", len(service.in_flight))
         service.draining = True
-        await serving.set_serving(health, [SERVICE.full_name], False)
-        await server.stop(settings.drain_timeout_s)
+        await running.set_serving(False)
+        await running.server.stop(settings.drain_timeout_s)
         refresher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await refresher

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -209,3 +210,37 @@ KEEPALIVE_SERVER_OPTIONS = (
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
 )
+
+
+@dataclasses.dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    service_name: str
+
+    async def set_serving(self, serving: bool) -> None:
+        await set_serving(self.health, [self.service_name], serving)
+
+
+async def start_grpc_server(
+    service: pb_descriptor.ServiceDescriptor,
+    servicer: Any,
+    pb2_modules: Iterable[Any],
+    host: str,
+    port: int,
+) -> RunningServer:
+    """A started grpc.aio server with ``servicer`` (strict parsing), health (NOT_SERVING
+    until the caller says otherwise) and reflection. ``port`` 0 picks a free port."""
+    server = grpc.aio.server(options=KEEPALIVE_SERVER_OPTIONS)
+    server.add_generic_rpc_handlers(
+        (strict_generic_handler(service, servicer, message_classes(*pb2_modules)),)
+    )
+    health_servicer = add_health_and_reflection(server, [service.full_name])
+    # grpc's HealthServicer starts the whole server ("") as SERVING; not ready yet.
+    await set_serving(health_servicer, [service.full_name], False)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    return RunningServer(server, health_servicer, bound, service.full_name)

@@ -192,14 +192,8 @@ def start_engine(
     return engine, stats
 
 
-def add_worker_service(server: grpc.aio.Server, service: WorkerService) -> None:
-    server.add_generic_rpc_handlers(
-        (
-            serving.strict_generic_handler(
-                SERVICE, service, serving.message_classes(worker_pb2, common_pb2)
-            ),
-        )
-    )
+async def start_server(service: WorkerService, host: str, port: int) -> serving.RunningServer:
+    return await serving.start_grpc_server(SERVICE, service, [worker_pb2, common_pb2], host, port)
 
 
 async def serve(engine_settings: EngineSettings, server_settings: ServerSettings) -> None:
@@ -207,29 +201,23 @@ async def serve(engine_settings: EngineSettings, server_settings: ServerSettings
     (up to ``drain_timeout_s``), shut the engine down."""
     stop = asyncio.Event()
     serving.install_shutdown_signals(stop)
-    server = grpc.aio.server(options=serving.KEEPALIVE_SERVER_OPTIONS)
     service = WorkerService(engine_settings)
-    add_worker_service(server, service)
-    health = serving.add_health_and_reflection(server, [SERVICE.full_name])
-    address = f"{server_settings.host}:{server_settings.port}"
-    if not server.add_insecure_port(address):
-        raise SystemExit(f"cannot listen on {address}")
     # Listen first (health answers NOT_SERVING) so probes see a live, not-ready pod
     # while the engine loads.
-    await server.start()
+    running = await start_server(service, server_settings.host, server_settings.port)
     serving.start_metrics_server(server_settings.metrics_port)
     log.info("loading engine for %s", engine_settings.model)
     engine, stats = await asyncio.to_thread(start_engine, engine_settings)
     service.attach(engine, stats)
-    await serving.set_serving(health, [SERVICE.full_name], True)
-    log.info("worker serving on %s", address)
+    await running.set_serving(True)
+    log.info("worker serving on %s:%d", server_settings.host, running.port)
     try:
         await stop.wait()
     finally:
         log.info("draining (%d in flight)", len(service.in_flight))
         service.draining = True
         metrics.DRAINING.set(1)
-        await serving.set_serving(health, [SERVICE.full_name], False)
-        await server.stop(server_settings.drain_timeout_s)
+        await running.set_serving(False)
+        await running.server.stop(server_settings.drain_timeout_s)
         engine.shutdown()
         log.info("worker stopped")
