@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # The CPU build of vLLM unless an NVIDIA GPU is visible (override: make setup VLLM_BUILD=gpu).
 VLLM_BUILD ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: help setup proto model run test lint format clean
+.PHONY: help setup proto model run test lint format clean bench-overhead
 .DEFAULT_GOAL := help
 
 # Fragments: mk/k8s.mk (helm, chart, images), mk/layerkv.mk (bench). They may add to TEST_DEPS.
@@ -27,7 +27,7 @@ help:
 	@echo "make setup   virtualenv in $(VENV) with the $(VLLM_BUILD) build of vLLM and dev tools"
 	@echo "make model   generate the default random-weight Llama into $(MODEL_DIR)"
 	@echo "make proto   regenerate the gRPC stubs from proto/"
-	@echo "make bench   LayerKV vs stock vLLM benchmark (bench/results/)"
+	@echo "make bench-overhead   latency added by admission vs the worker directly"
 
 setup: $(STAMPS)/setup
 
@@ -68,6 +68,10 @@ format: $(STAMPS)/setup
 
 test: $(STAMPS)/proto model lint $(TEST_DEPS)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# Added per-request latency of admission vs calling the worker directly (JSON in bench/results/).
+bench-overhead: $(STAMPS)/proto model
+	$(PY) bench/admission_overhead.py --model $(MODEL_DIR)
 
 clean:
 	rm -rf $(STAMPS) services/layerkv/v1 .run

@@ -198,4 +198,3 @@ def _target_from_hash(raw: dict[str, str]) -> SloTarget:
         if f.name in raw:
             kwargs[f.name] = raw[f.name] if f.name == "name" else float(raw[f.name])
     return SloTarget(**kwargs)
-
