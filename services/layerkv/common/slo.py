@@ -142,10 +142,29 @@ class WindowStats:
     ttft_hist: tuple[int, ...] = field(default=(), repr=False)
     tpot_hist: tuple[int, ...] = field(default=(), repr=False)
     newest_at: float | None = None  # finish time of the newest outcome in the window
+    # TTFT prediction quality over the outcomes that had a prediction and a first token.
+    predicted: int = 0
+    ttft_pred_err_sum_s: float = 0.0  # sum of predicted - measured
+    ttft_pred_abs_err_sum_s: float = 0.0
+    ttft_pred_ape_sum: float = 0.0  # sum of |predicted - measured| / measured
 
     @property
     def violation_rate(self) -> float | None:
         return self.violations / self.requests if self.requests else None
+
+    @property
+    def ttft_mape(self) -> float | None:
+        """Mean absolute percentage error of predicted TTFT (0.1 = 10%)."""
+        return self.ttft_pred_ape_sum / self.predicted if self.predicted else None
+
+    @property
+    def ttft_pred_bias_s(self) -> float | None:
+        """Mean signed error (predicted - measured): > 0 means predictions run high."""
+        return self.ttft_pred_err_sum_s / self.predicted if self.predicted else None
+
+    @property
+    def ttft_pred_mae_s(self) -> float | None:
+        return self.ttft_pred_abs_err_sum_s / self.predicted if self.predicted else None
 
     def ttft_percentile(self, q: float) -> float | None:
         return percentile_from_histogram(self.ttft_hist, q) if self.ttft_hist else None

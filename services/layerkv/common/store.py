@@ -10,8 +10,10 @@ Keys (``prefix`` defaults to ``layerkv``):
 * ``{prefix}:bucket:{slo_class}:{start}`` hash: aggregates of the outcomes that finished
   in ``[start, start + bucket_s)``: ``n``, ``errors``, ``v_ttft``, ``v_tpot``, ``v_any``,
   ``ttft:{i}`` / ``tpot:{i}`` histogram counts (bounds in ``slo.LATENCY_BUCKETS_S``),
-  ``newest``. Expires after ``retention_s``, so memory is bounded by
-  classes x retention / bucket_s.
+  ``newest``, and the quality of the admission's TTFT predictions: ``pred_n`` outcomes
+  with a prediction, ``pred_err_sum`` (predicted - measured, s), ``pred_abs_err_sum``,
+  ``pred_ape_sum`` (sum of |error| / measured). Expires after ``retention_s``, so
+  memory is bounded by classes x retention / bucket_s.
 * ``{prefix}:target:{slo_class}`` hash: the class's targets (written by the operator).
 * ``{prefix}:classes`` set: class names that have targets or outcomes.
 
@@ -26,6 +28,7 @@ from dataclasses import asdict, fields
 
 import redis
 
+from layerkv.common.load import WorkerLoadReport
 from layerkv.common.slo import (
     LATENCY_BUCKETS_S,
     RequestOutcome,
@@ -111,6 +114,13 @@ class MetricsStore:
             pipe.hincrby(bkey, f"ttft:{histogram_index(outcome.ttft_s)}", 1)
         if outcome.tpot_s is not None:
             pipe.hincrby(bkey, f"tpot:{histogram_index(outcome.tpot_s)}", 1)
+        if outcome.predicted_ttft_s is not None and outcome.ttft_s is not None:
+            # Prediction quality: sums, so windows add up (mean error, MAPE).
+            err = outcome.predicted_ttft_s - outcome.ttft_s
+            pipe.hincrby(bkey, "pred_n", 1)
+            pipe.hincrbyfloat(bkey, "pred_err_sum", err)
+            pipe.hincrbyfloat(bkey, "pred_abs_err_sum", abs(err))
+            pipe.hincrbyfloat(bkey, "pred_ape_sum", abs(err) / max(outcome.ttft_s, 1e-6))
         pipe.hset(bkey, "newest", outcome.finished_at)
         pipe.expire(bkey, self.retention_s + self.bucket_s)
         pipe.sadd(self._classes_key, outcome.slo_class)
@@ -134,13 +144,16 @@ class MetricsStore:
         pipe = self.client.pipeline(transaction=False)
         for start in range(first, last + 1, self.bucket_s):
             pipe.hgetall(self._bucket_key(slo_class, start))
-        totals = {"n": 0, "errors": 0, "v_ttft": 0, "v_tpot": 0, "v_any": 0}
+        totals = {"n": 0, "errors": 0, "v_ttft": 0, "v_tpot": 0, "v_any": 0, "pred_n": 0}
+        sums = dict.fromkeys(("pred_err_sum", "pred_abs_err_sum", "pred_ape_sum"), 0.0)
         ttft, tpot = [0] * _NB, [0] * _NB
         newest: float | None = None
         for bucket in pipe.execute():
             for name, value in bucket.items():
                 if name in totals:
                     totals[name] += int(value)
+                elif name in sums:
+                    sums[name] += float(value)
                 elif name == "newest":
                     newest = max(newest or 0.0, float(value))
                 else:
@@ -157,6 +170,10 @@ class MetricsStore:
             ttft_hist=tuple(ttft),
             tpot_hist=tuple(tpot),
             newest_at=newest,
+            predicted=totals["pred_n"],
+            ttft_pred_err_sum_s=sums["pred_err_sum"],
+            ttft_pred_abs_err_sum_s=sums["pred_abs_err_sum"],
+            ttft_pred_ape_sum=sums["pred_ape_sum"],
         )
 
     # -- targets -----------------------------------------------------------------------
@@ -191,6 +208,43 @@ class MetricsStore:
     def ping(self) -> bool:
         return bool(self.client.ping())
 
+    # -- worker load (admission writes, the operator reads) ----------------------------
+    #
+    # Keys: ``{prefix}:load:{pool}`` sorted set of worker addresses scored by report time,
+    # and ``{prefix}:load:{pool}:{worker}`` hash, one per worker, expiring after
+    # ``ttl_s``. ``pool`` names the worker Deployment, so the operator finds the load of
+    # the workers it scales. The index is trimmed on every write and expires with its
+    # last worker, so memory stays bounded by the live workers.
+
+    def _load_index_key(self, pool: str) -> str:
+        return f"{self.prefix}:load:{pool}"
+
+    def _load_key(self, pool: str, worker: str) -> str:
+        return f"{self.prefix}:load:{pool}:{worker}"
+
+    def put_worker_load(self, pool: str, report: WorkerLoadReport, ttl_s: int = 30) -> None:
+        """Store one worker's latest load report in one transaction."""
+        if ttl_s < 1:
+            raise ValueError("ttl_s must be >= 1")
+        record = {k: (int(v) if isinstance(v, bool) else v) for k, v in asdict(report).items()}
+        index = self._load_index_key(pool)
+        key = self._load_key(pool, report.worker)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(key, mapping=record)
+        pipe.expire(key, ttl_s)
+        pipe.zadd(index, {report.worker: report.reported_at})
+        pipe.zremrangebyscore(index, "-inf", report.reported_at - ttl_s)
+        pipe.expire(index, ttl_s)
+        pipe.execute()
+
+    def worker_loads(self, pool: str) -> list[WorkerLoadReport]:
+        """The latest report of every worker of ``pool`` whose report has not expired."""
+        workers = self.client.zrange(self._load_index_key(pool), 0, -1)
+        pipe = self.client.pipeline(transaction=False)
+        for worker in workers:
+            pipe.hgetall(self._load_key(pool, worker))
+        return [_load_from_hash(raw) for raw in pipe.execute() if raw]
+
 
 def _target_from_hash(raw: dict[str, str]) -> SloTarget:
     kwargs = {}
@@ -198,3 +252,20 @@ def _target_from_hash(raw: dict[str, str]) -> SloTarget:
         if f.name in raw:
             kwargs[f.name] = raw[f.name] if f.name == "name" else float(raw[f.name])
     return SloTarget(**kwargs)
+
+
+def _load_from_hash(raw: dict[str, str]) -> WorkerLoadReport:
+    kwargs: dict[str, object] = {}
+    for f in fields(WorkerLoadReport):
+        if f.name not in raw:
+            continue
+        value = raw[f.name]
+        if f.name == "worker":
+            kwargs[f.name] = value
+        elif f.name == "reported_at":
+            kwargs[f.name] = float(value)
+        elif f.name == "draining":
+            kwargs[f.name] = value not in ("0", "", "False", "false")
+        else:
+            kwargs[f.name] = int(value)
+    return WorkerLoadReport(**kwargs)
