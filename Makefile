@@ -31,7 +31,8 @@ help:
 
 setup: $(STAMPS)/setup
 
-$(STAMPS)/setup: pyproject.toml
+# Re-run when a new top-level package appears: the editable install lists packages.
+$(STAMPS)/setup: pyproject.toml $(wildcard services/*/__init__.py operator/*/__init__.py)
 	@mkdir -p $(STAMPS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel
