@@ -1,0 +1,52 @@
+"""TPOT slack of running requests: how much extra stall their SLOs can absorb.
+
+A decoding request with TPOT target ``T`` that produced ``n`` tokens, the first at
+``t1``, and has ``E`` tokens still to go, meets its target iff its remaining ``E``
+intervals, each taking one decode step ``d`` plus whatever prefill we insert, finish
+within ``T * (n - 1 + E) - (now - t1)``. The slack is that budget minus ``E * d``:
+an admitted prefill stalls every running decode once, so it may be inserted only when
+it is shorter than the smallest slack (LayerKV's SLO-aware scheduling).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DecodeProgress:
+    """What the slack of one running request depends on."""
+
+    tpot_target_s: float | None
+    output_tokens: int
+    first_token_time_s: float | None
+    remaining_tokens: int
+
+
+def tpot_slack(progress: DecodeProgress, now_s: float, decode_step_s: float) -> float:
+    """Seconds of stall the request can absorb and still meet its TPOT target;
+    +inf for requests without a target or still in prefill (their TTFT, not TPOT,
+    is at stake)."""
+    if (
+        progress.tpot_target_s is None
+        or progress.first_token_time_s is None
+        or progress.output_tokens < 1
+    ):
+        return math.inf
+    intervals_total = progress.output_tokens - 1 + progress.remaining_tokens
+    budget = progress.tpot_target_s * intervals_total
+    spent = now_s - progress.first_token_time_s
+    future = progress.remaining_tokens * decode_step_s
+    return budget - spent - future
+
+
+def min_slack(progress: Iterable[DecodeProgress], now_s: float, decode_step_s: float) -> float:
+    return min((tpot_slack(p, now_s, decode_step_s) for p in progress), default=math.inf)
+
+
+def admit_early(min_slack_s: float, already_inserted_s: float, predicted_prefill_s: float) -> bool:
+    """Whether one more early-admitted prefill fits in the running requests' slack,
+    on top of the prefill time already inserted in this step."""
+    return already_inserted_s + predicted_prefill_s <= min_slack_s
