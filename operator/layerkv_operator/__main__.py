@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 
 import kopf
 
+from layerkv.common.serving import start_metrics_server
 from layerkv_operator import handlers
 from layerkv_operator.config import OperatorConfig
 
 
 def main() -> None:
     config: OperatorConfig = handlers.CONFIG
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        stream=sys.stdout,
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    start_metrics_server(config.metrics_port)
     kopf.run(
         clusterwide=not config.namespaces,
         namespaces=config.namespaces,

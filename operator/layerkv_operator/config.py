@@ -21,6 +21,8 @@ class OperatorConfig:
     # Name of the KopfPeering object replicas coordinate through; None: standalone.
     peering_name: str | None = "layerkv-operator"
     liveness_endpoint: str | None = "http://0.0.0.0:8080/healthz"
+    # Prometheus exposition port; 0 turns it off.
+    metrics_port: int = 9092
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -35,6 +37,7 @@ class OperatorConfig:
             peering_name=env.get("LAYERKV_OPERATOR_PEERING", "layerkv-operator") or None,
             liveness_endpoint=env.get("LAYERKV_OPERATOR_LIVENESS", "http://0.0.0.0:8080/healthz")
             or None,
+            metrics_port=int(env.get("LAYERKV_METRICS_PORT", "9092")),
         )
         if config.interval_s <= 0 or config.load_stale_after_s <= 0:
             raise ValueError("LAYERKV_OPERATOR_INTERVAL_S and _LOAD_STALE_S must be > 0")

@@ -20,6 +20,7 @@ import redis
 
 from layerkv.common.load import summarize_pool
 from layerkv.common.store import MetricsStore
+from layerkv_operator import metrics
 from layerkv_operator.config import OperatorConfig
 from layerkv_operator.kube import DeploymentScaler, api_client
 from layerkv_operator.scaling import Action, Observation, decide
@@ -178,6 +179,7 @@ def evaluate(
             load=load,
         ),
     )
+    metrics.observe(f"{namespace}/{name}", decision)
     scaled = False
     if decision.action is not Action.HOLD:
         scaler.scale(namespace, slo.worker_deployment, decision.replicas)
@@ -201,8 +203,9 @@ def evaluate(
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, retries=10, backoff=3)
 def forget_class(
-    spec: kopf.Spec, name: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    spec: kopf.Spec, name: str, namespace: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
+    metrics.forget(f"{namespace}/{name}")
     # Not parse_spec: an object with an invalid spec must still be deletable.
     slo_class = _slo_class(spec, name)
     try:

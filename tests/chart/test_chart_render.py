@@ -172,7 +172,9 @@ def test_network_policies_only_when_enabled(helm: Path) -> None:
         worker_grpc["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
         == "admission"
     )
-    assert on["rel-layerkv-operator"]["spec"]["ingress"] == []
+    # The operator only lets scrapers reach its metrics port.
+    (operator_rule,) = on["rel-layerkv-operator"]["spec"]["ingress"]
+    assert operator_rule["ports"] == [{"port": 9092}]
 
 
 @pytest.mark.parametrize("variant", ["default", "cluster-wide"])

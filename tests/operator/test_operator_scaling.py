@@ -23,6 +23,7 @@ from operator_testkit import (
     replicas,
     slo,
 )
+from prometheus_client import REGISTRY
 
 from layerkv.common.load import WorkerLoadReport
 from layerkv.common.slo import RequestOutcome, SloTarget
@@ -123,6 +124,20 @@ async def test_publishes_targets_and_scales_up_on_violations_within_max(
     assert condition(body, "MetricsAvailable")["status"] == "True"
     assert condition(body, "Ready")["status"] == "True"
     assert status["lastScaleUpTime"]
+    # The same decision on the operator's Prometheus metrics.
+    labels = {"servingslo": f"{ns}/up"}
+    assert REGISTRY.get_sample_value("layerkv_operator_desired_replicas", labels) == 3
+    assert REGISTRY.get_sample_value("layerkv_operator_violation_rate", labels) == 1.0
+    scale_ups = [
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "layerkv_operator_decisions"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+        and sample.labels["servingslo"] == f"{ns}/up"
+        and sample.labels["action"] == "ScaleUp"
+    ]
+    assert sum(scale_ups) == 1  # one step, 1 -> 3
 
 
 async def test_holds_on_missing_then_stale_metrics(
