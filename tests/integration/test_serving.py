@@ -45,6 +45,10 @@ async def collect(stub, req):
     chunks, completion, ids = [], None, set()
     async for resp in stub.Generate(req):
         ids.add(resp.request_id)
+        if resp.HasField("decision"):
+            # The admission decision (issue #4) comes before any token.
+            assert not chunks and completion is None, "decision after tokens"
+            continue
         if resp.HasField("tokens"):
             assert completion is None, "tokens after the completion"
             chunks.append(resp.tokens)

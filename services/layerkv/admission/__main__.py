@@ -29,15 +29,80 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "outcomes kept while Redis is down",
         type=int,
     )
+    env_flag(
+        p,
+        "--slo-classes",
+        "LAYERKV_SLO_CLASSES",
+        "",
+        "extra SLO classes, NAME=TTFT_MS:TPOT_MS, comma-separated (Redis targets override)",
+    )
+    env_flag(
+        p,
+        "--class-policy",
+        "LAYERKV_CLASS_POLICY",
+        "",
+        "per class when no worker meets its target: NAME=queue or NAME=reject[:FACTOR] "
+        "(reject when predicted TTFT > FACTOR x target; default 2), comma-separated; "
+        "NAME '*' sets the default (queue)",
+    )
+    env_flag(
+        p, "--queue-capacity", "LAYERKV_QUEUE_CAPACITY", 1024, "admission queue bound", type=int
+    )
+    env_flag(p, "--queue-policy", "LAYERKV_QUEUE_POLICY", "edf", "edf or fifo")
+    env_flag(
+        p,
+        "--max-hold-factor",
+        "LAYERKV_MAX_HOLD_FACTOR",
+        4.0,
+        "send a queued request anyway after this many TTFT targets",
+        type=float,
+    )
+    env_flag(p, "--poll-interval-s", "LAYERKV_POLL_INTERVAL_S", 0.1, "worker poll", type=float)
+    env_flag(p, "--stale-after-s", "LAYERKV_STALE_AFTER_S", 3.0, "worker state max age", type=float)
     env_flag(p, "--drain-timeout", "LAYERKV_DRAIN_TIMEOUT_S", 30.0, "seconds to drain", type=float)
     env_flag(p, "--log-level", "LAYERKV_LOG_LEVEL", "INFO", "log level")
     return p.parse_args(argv)
+
+
+def parse_classes(classes_spec: str, policy_spec: str):
+    """``--slo-classes`` and ``--class-policy`` -> (targets, {name: policy}, default)."""
+    from layerkv.admission.routing import ClassPolicy, MissPolicy
+    from layerkv.common.slo import SloTarget
+
+    classes = []
+    for part in filter(None, (x.strip() for x in classes_spec.split(","))):
+        name, _, spec = part.partition("=")
+        ttft_ms, _, tpot_ms = spec.partition(":")
+        try:
+            classes.append(SloTarget(name, float(ttft_ms) / 1000, float(tpot_ms) / 1000))
+        except ValueError as e:
+            raise ValueError(f"bad --slo-classes entry {part!r}: {e}") from e
+    policies = {}
+    default = ClassPolicy()
+    for part in filter(None, (x.strip() for x in policy_spec.split(","))):
+        name, _, spec = part.partition("=")
+        kind, _, factor = spec.partition(":")
+        try:
+            policy = ClassPolicy(MissPolicy(kind), float(factor) if factor else 2.0)
+        except ValueError as e:
+            raise ValueError(f"bad --class-policy entry {part!r}: {e}") from e
+        if name == "*":
+            default = policy
+        else:
+            policies[name] = policy
+    return tuple(classes), tuple(policies.items()), default
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level)
     from layerkv.admission.server import AdmissionSettings, serve
+
+    try:
+        classes, policies, default_policy = parse_classes(args.slo_classes, args.class_policy)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     workers = tuple(w.strip() for w in args.workers.split(",") if w.strip())
     if not workers:
@@ -57,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         slo_refresh_s=args.slo_refresh_s,
         outcome_buffer=args.outcome_buffer,
         drain_timeout_s=args.drain_timeout,
+        classes=classes,
+        policies=policies,
+        default_policy=default_policy,
+        queue_capacity=args.queue_capacity,
+        queue_policy=args.queue_policy,
+        max_hold_factor=args.max_hold_factor,
+        poll_interval_s=args.poll_interval_s,
+        stale_after_s=args.stale_after_s,
     )
     asyncio.run(serve(settings))
     return 0

@@ -1,7 +1,11 @@
 """The admission service: the client-facing ``layerkv.v1.Admission`` gRPC server.
 
-Validates a request, resolves its SLO class, forwards it to a worker, streams the
-tokens back, and records the outcome (TTFT and TPOT as the client sees them) in Redis.
+Validates a request, resolves its SLO class, predicts its TTFT on every worker
+(``ttft.py``), then rejects it (``reject`` classes, far over target), sends it to the
+worker with the best prediction, or holds it in the admission queue (EDF, ``queue.py``)
+until a worker can serve it in time (``routing.py``). Streams the decision and the
+tokens back, and records the outcome (TTFT and TPOT as the client sees them, and the
+predicted TTFT) in Redis. Policy lives in the pure modules; this module does the I/O.
 """
 
 from __future__ import annotations
@@ -16,8 +20,21 @@ import grpc
 
 from layerkv.admission import metrics
 from layerkv.admission.outcomes import OutcomeRecorder
+from layerkv.admission.queue import QueuedRequest, QueueFull, create_queue
+from layerkv.admission.routing import (
+    START_NOW_S,
+    ClassPolicy,
+    Rejection,
+    Verdict,
+    best_prediction,
+    deadline_for,
+    dispatch_verdict,
+    retry_after_s,
+    should_reject,
+)
 from layerkv.admission.slo_classes import SloCatalog
-from layerkv.admission.workers import WorkerPool
+from layerkv.admission.ttft import TtftPrediction, predict_ttft
+from layerkv.admission.workers import WorkerEndpoint, WorkerPool
 from layerkv.common import serving
 from layerkv.common.requests import (
     InvalidRequest,
@@ -28,6 +45,9 @@ from layerkv.common.requests import (
 from layerkv.common.slo import DEFAULT_CLASS, RequestOutcome, SloTarget
 from layerkv.common.store import MetricsStore
 from layerkv.v1 import admission_pb2, common_pb2, worker_pb2
+
+# Queued requests examined per dispatch pass (bounds its cost under a deep queue).
+_DISPATCH_SCAN = 32
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +98,56 @@ class _Abort(Exception):
         self.code, self.message, self.status = code, message, status
 
 
+class _Rejected(Exception):
+    def __init__(self, rejection: Rejection) -> None:
+        super().__init__(rejection.reason)
+        self.rejection = rejection
+
+
+@dataclass
+class _Routed:
+    """Where a request went and what was predicted for it."""
+
+    worker: WorkerEndpoint
+    prediction: TtftPrediction
+    dispatched_at: float
+    queued_s: float
+
+    @property
+    def predicted_from_arrival_s(self) -> float:
+        return self.queued_s + self.prediction.ttft_s
+
+
 class AdmissionService:
     """Implements ``layerkv.v1.Admission``."""
 
-    def __init__(self, pool: WorkerPool, catalog: SloCatalog, recorder: OutcomeRecorder) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        catalog: SloCatalog,
+        recorder: OutcomeRecorder,
+        *,
+        queue_capacity: int = 1024,
+        queue_policy: str = "edf",
+        max_hold_factor: float = 4.0,
+    ) -> None:
         self.pool = pool
         self.catalog = catalog
         self.recorder = recorder
         self.in_flight: set[str] = set()
         self.draining = False
+        self.queue = create_queue(queue_policy, queue_capacity)
+        # A queued request is sent to the best worker after max_hold_factor x its TTFT
+        # target even if none can serve it in time: bounded hold, no starvation.
+        self.max_hold_factor = max_hold_factor
+        # Prompt tokens per byte of text, learned from the workers' usage reports (text
+        # prompts are tokenised by the worker; admission only needs an estimate).
+        self.tokens_per_byte = 0.3
+        pool.on_update = self.dispatch
+
+    def start(self) -> None:
+        """Start the background work (worker polling); idempotent."""
+        self.pool.start()
 
     def _admit(self, request: admission_pb2.GenerateRequest) -> tuple[str, SloTarget]:
         request_id = request_id_or_new(request.request_id)
@@ -100,7 +161,151 @@ class AdmissionService:
             )
         return request_id, target
 
+    def _prompt_tokens(self, request: admission_pb2.GenerateRequest) -> int:
+        if len(request.prompt_token_ids):
+            return len(request.prompt_token_ids)
+        return max(1, round(len(request.prompt.encode()) * self.tokens_per_byte))
+
+    def _learn_tokens_per_byte(self, request, prompt_tokens: int) -> None:
+        if request.prompt and prompt_tokens:
+            ratio = prompt_tokens / max(len(request.prompt.encode()), 1)
+            self.tokens_per_byte += 0.2 * (ratio - self.tokens_per_byte)
+
+    # -- prediction ---------------------------------------------------------------------
+
+    def predictions(
+        self, prompt_tokens: int, max_tokens: int, workers: list[WorkerEndpoint] | None = None
+    ) -> list[TtftPrediction]:
+        workers = self.pool.routable() if workers is None else workers
+        return [
+            predict_ttft(w.snapshot(self.pool.prior), prompt_tokens, max_tokens) for w in workers
+        ]
+
+    # -- the admission queue ------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """One pass over the queue in service order: send what can go now.
+
+        Called when a request arrives, when worker state is refreshed and when a
+        request gets its first token or ends (capacity may have freed)."""
+        if not self.queue:
+            return
+        now = time.monotonic()
+        routable = self.pool.routable(now)
+        snaps = {w.address: w.snapshot(self.pool.prior) for w in routable}
+        for i, item in enumerate(self.queue):
+            if i >= _DISPATCH_SCAN:
+                break
+            future: asyncio.Future = item.payload
+            if future.done():
+                self.queue.remove(item)
+                continue
+            preds = [
+                predict_ttft(snaps[w.address], item.prompt_tokens, item.max_tokens)
+                for w in routable
+            ]
+            best = best_prediction(preds)
+            verdict = dispatch_verdict(item, best, now)
+            if (
+                verdict in (Verdict.WAIT, Verdict.LATE)
+                and best is not None
+                and now - item.arrival >= self.max_hold_factor * item.ttft_target_s
+            ):
+                verdict = Verdict.DISPATCH
+            if verdict is Verdict.DISPATCH:
+                self.queue.remove(item)
+                worker = next(w for w in routable if w.address == best.worker)
+                worker.dispatched(item.request_id, item.prompt_tokens, item.max_tokens)
+                snaps[worker.address] = worker.snapshot(self.pool.prior)
+                future.set_result(_Routed(worker, best, now, now - item.arrival))
+            elif verdict is Verdict.EXPIRED:
+                self.queue.remove(item)
+                future.set_exception(
+                    _Abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        "the client's deadline passed while the request was queued",
+                        "error",
+                    )
+                )
+            elif verdict is Verdict.LATE:
+                self.queue.mark_late(item)
+        self._queue_metrics()
+
+    def _queue_metrics(self) -> None:
+        depth: dict[str, int] = dict.fromkeys(self.catalog.names(), 0)
+        for item in self.queue:
+            depth[item.slo_class] = depth.get(item.slo_class, 0) + 1
+        for name, n in depth.items():
+            metrics.QUEUE_DEPTH.labels(name).set(n)
+
+    async def _route(
+        self,
+        request_id: str,
+        target: SloTarget,
+        policy: ClassPolicy,
+        prompt_tokens: int,
+        max_tokens: int,
+        priority: int,
+        client_deadline: float | None,
+        arrival: float,
+    ):
+        """Yields a QUEUED decision if the request has to wait, then its ``_Routed``."""
+        best = best_prediction(self.predictions(prompt_tokens, max_tokens))
+        rejection = should_reject(best, target.ttft_s, policy)
+        if rejection is not None:
+            raise _Rejected(rejection)
+        item = QueuedRequest(
+            request_id=request_id,
+            slo_class=target.name,
+            arrival=arrival,
+            deadline=deadline_for(arrival, target.ttft_s, client_deadline),
+            ttft_target_s=target.ttft_s,
+            priority=priority,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            client_deadline=client_deadline,
+            payload=asyncio.get_running_loop().create_future(),
+        )
+        try:
+            self.queue.push(item)
+        except QueueFull as e:
+            raise _Rejected(Rejection(retry_after_s(best, target.ttft_s), str(e))) from e
+        try:
+            self.dispatch()
+            if not item.payload.done():
+                metrics.DECISIONS.labels(target.name, "queued").inc()
+                yield self._decision(
+                    admission_pb2.DECISION_KIND_QUEUED,
+                    best,
+                    queue_position=self.queue.position(item),
+                    reason="no worker can meet the TTFT target now",
+                    prompt_tokens=prompt_tokens,
+                )
+            yield await item.payload
+        finally:
+            if self.queue.remove(item):
+                self._queue_metrics()
+
+    @staticmethod
+    def _decision(
+        kind, best: TtftPrediction | None, *, predicted_s: float | None = None, **kw
+    ) -> admission_pb2.Decision:
+        return admission_pb2.Decision(
+            kind=kind,
+            predicted_ttft_s=(best.ttft_s if best else 0.0) if predicted_s is None else predicted_s,
+            worker=best.worker if best else "",
+            **kw,
+        )
+
+    @staticmethod
+    def _would_dispatch(target: SloTarget, best: TtftPrediction, now: float) -> bool:
+        probe = QueuedRequest("", target.name, now, now + target.ttft_s, target.ttft_s)
+        return dispatch_verdict(probe, best, now) is Verdict.DISPATCH
+
+    # -- RPCs ---------------------------------------------------------------------------
+
     async def Generate(self, request: admission_pb2.GenerateRequest, context):
+        self.start()
         try:
             request_id, target = self._admit(request)
         except InvalidRequest as e:
@@ -112,6 +317,11 @@ class AdmissionService:
                 grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already running"
             )
 
+        arrival = time.monotonic()
+        remaining = context.time_remaining()
+        client_deadline = arrival + remaining if remaining is not None else None
+        prompt_tokens = self._prompt_tokens(request)
+        max_tokens = sampling_from_proto(request.sampling).max_tokens
         worker_request = worker_pb2.WorkerGenerateRequest(
             request_id=request_id,
             prompt=request.prompt,
@@ -120,16 +330,66 @@ class AdmissionService:
             slo=common_pb2.SloTargets(ttft_s=target.ttft_s, tpot_s=target.tpot_s),
             slo_class=target.name,
         )
-        measured = _Measured()
+        measured = _Measured(start=arrival)
         status, error = "error", ""
+        routed: _Routed | None = None
         self.in_flight.add(request_id)
         metrics.IN_FLIGHT.inc()
         try:
-            async for response in self._forward(worker_request, request_id, measured, context):
+            if self.pool.routable():
+                async for step in self._route(
+                    request_id,
+                    target,
+                    self.catalog.policy(target.name),
+                    prompt_tokens,
+                    max_tokens,
+                    request.priority,
+                    client_deadline,
+                    arrival,
+                ):
+                    if isinstance(step, _Routed):
+                        routed = step
+                    else:
+                        yield admission_pb2.GenerateResponse(request_id=request_id, decision=step)
+                metrics.DECISIONS.labels(target.name, "admitted").inc()
+                metrics.QUEUE_WAIT.labels(target.name).observe(routed.queued_s)
+                metrics.PREDICTED_TTFT.labels(target.name).observe(routed.predicted_from_arrival_s)
+                decision = self._decision(
+                    admission_pb2.DECISION_KIND_ADMITTED,
+                    routed.prediction,
+                    predicted_s=routed.predicted_from_arrival_s,
+                    queued_s=routed.queued_s,
+                    prompt_tokens=prompt_tokens,
+                )
+            else:
+                # No worker has answered a poll yet (start-up) or all are out of
+                # routing: try them in turn rather than refuse.
+                metrics.DECISIONS.labels(target.name, "fallback").inc()
+                decision = admission_pb2.Decision(
+                    kind=admission_pb2.DECISION_KIND_ADMITTED,
+                    reason="no worker state known; trying workers in turn",
+                    prompt_tokens=prompt_tokens,
+                )
+            yield admission_pb2.GenerateResponse(request_id=request_id, decision=decision)
+            async for response in self._forward(
+                worker_request, request_id, measured, context, routed, prompt_tokens, max_tokens
+            ):
                 yield response
             status = "ok"
+            self._learn_tokens_per_byte(request, measured.prompt_tokens)
+        except _Rejected as e:
+            status, error = "rejected", e.rejection.reason
+            metrics.DECISIONS.labels(target.name, "rejected").inc()
+            retry_ms = max(1, round(e.rejection.retry_after_s * 1000))
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{e.rejection.reason}; retry after {e.rejection.retry_after_s:.3f} s",
+                trailing_metadata=(("retry-after-ms", str(retry_ms)),),
+            )
         except _Abort as e:
             status, error = e.status, e.message
+            if e.code == grpc.StatusCode.DEADLINE_EXCEEDED and routed is None:
+                metrics.DECISIONS.labels(target.name, "expired").inc()
             await context.abort(e.code, e.message)
         except asyncio.CancelledError:
             status = "cancelled"
@@ -137,20 +397,108 @@ class AdmissionService:
         finally:
             self.in_flight.discard(request_id)
             metrics.IN_FLIGHT.dec()
+            if routed is not None:
+                self._learn_overhead(routed, measured)
             if status != "client_error":
-                self._record(request_id, target, status, measured, error)
+                self._record(request_id, target, status, measured, error, routed)
+            self.dispatch()
 
-    async def _forward(self, worker_request, request_id: str, measured: _Measured, context):
-        """Stream ``worker_request`` from the first worker that takes it."""
+    async def Predict(self, request: admission_pb2.GenerateRequest, context):
+        """Dry run of Generate's decision; nothing is queued or sent."""
+        self.start()
+        try:
+            _, target = self._admit(request)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        prompt_tokens = self._prompt_tokens(request)
+        max_tokens = sampling_from_proto(request.sampling).max_tokens
+        now = time.monotonic()
+        routable = self.pool.routable(now)
+        preds = {p.worker: p for p in self.predictions(prompt_tokens, max_tokens, routable)}
+        workers = []
+        for w in self.pool.workers:
+            p = preds.get(w.address)
+            age = w.state_age(now)
+            workers.append(
+                admission_pb2.WorkerPrediction(
+                    worker=w.address,
+                    routable=p is not None,
+                    predicted_ttft_s=p.ttft_s if p else 0.0,
+                    queue_s=p.queue_s if p else 0.0,
+                    kv_wait_s=p.kv_wait_s if p else 0.0,
+                    prefill_s=p.prefill_s if p else 0.0,
+                    resident_groups=p.resident_groups if p else 0,
+                    state_age_s=-1.0 if age is None else age,
+                )
+            )
+        best = best_prediction(preds.values())
+        policy = self.catalog.policy(target.name)
+        rejection = should_reject(best, target.ttft_s, policy)
+        kw = dict(prompt_tokens=prompt_tokens)
+        if best is None:
+            decision = self._decision(
+                admission_pb2.DECISION_KIND_UNSPECIFIED,
+                None,
+                reason="no worker state known",
+                **kw,
+            )
+        elif rejection is not None:
+            decision = self._decision(
+                admission_pb2.DECISION_KIND_REJECTED,
+                best,
+                retry_after_s=rejection.retry_after_s,
+                reason=rejection.reason,
+                **kw,
+            )
+        elif not self.queue and self._would_dispatch(target, best, now):
+            decision = self._decision(admission_pb2.DECISION_KIND_ADMITTED, best, **kw)
+        else:
+            decision = self._decision(
+                admission_pb2.DECISION_KIND_QUEUED,
+                best,
+                queue_position=len(self.queue) + 1,
+                reason=(
+                    "requests are queued ahead"
+                    if self.queue
+                    else "no worker can meet the TTFT target now"
+                ),
+                **kw,
+            )
+        return admission_pb2.Prediction(decision=decision, workers=workers)
+
+    async def _forward(
+        self,
+        worker_request,
+        request_id: str,
+        measured: _Measured,
+        context,
+        routed: _Routed | None,
+        prompt_tokens: int,
+        max_tokens: int,
+    ):
+        """Stream ``worker_request`` from the routed worker, or else from the first
+        worker that takes it (a worker that fails before streaming anything)."""
         timeout = context.time_remaining()
         tried: list[str] = []
-        for worker in self.pool.candidates():
+        if routed is not None:
+            others = [w for w in self.pool.routable() if w is not routed.worker]
+            order = [routed.worker, *others]
+        else:
+            order = self.pool.candidates()
+        for worker in order:
+            if routed is None or worker is not routed.worker:
+                worker.dispatched(request_id, prompt_tokens, max_tokens)
             call = worker.stub.Generate(worker_request, timeout=timeout)
             measured.worker = worker.address
             try:
                 async for response in call:
                     if response.HasField("tokens"):
-                        measured.token(len(response.tokens.token_ids))
+                        first = measured.tokens == 0
+                        n = len(response.tokens.token_ids)
+                        measured.token(n)
+                        worker.streamed(request_id, n)
+                        if first:
+                            self.dispatch()  # its blocks are now taken: re-plan the queue
                         yield admission_pb2.GenerateResponse(
                             request_id=request_id, tokens=response.tokens
                         )
@@ -187,6 +535,7 @@ class AdmissionService:
                 tried.append(worker.address)
             finally:
                 call.cancel()  # no-op when finished; aborts the worker request otherwise
+                worker.finished(request_id)
         raise _Abort(
             grpc.StatusCode.UNAVAILABLE,
             f"no worker could take the request (tried {tried})",
@@ -204,10 +553,37 @@ class AdmissionService:
             worker=measured.worker,
         )
 
-    def _record(self, request_id, target, status, measured: _Measured, error: str) -> None:
+    @staticmethod
+    def _learn_overhead(routed: _Routed, measured: _Measured) -> None:
+        """Fit the per-worker overhead on requests predicted to start at once, where
+        the whole prediction is the prefill: the residual is overhead."""
+        p = routed.prediction
+        if measured.first_token_at is None or p.wait_s > START_NOW_S or measured.tokens < 1:
+            return
+        if measured.worker != routed.worker.address:
+            return
+        ttft_since_dispatch = measured.first_token_at - (measured.start + routed.queued_s)
+        routed.worker.learn_overhead(ttft_since_dispatch - p.prefill_s)
+
+    def _record(
+        self,
+        request_id,
+        target,
+        status,
+        measured: _Measured,
+        error: str,
+        routed: _Routed | None = None,
+    ) -> None:
         metrics.REQUESTS.labels(target.name, status).inc()
+        predicted = routed.predicted_from_arrival_s if routed is not None else None
         if measured.ttft_s is not None:
             metrics.TTFT.labels(target.name).observe(measured.ttft_s)
+            if predicted is not None:
+                err = abs(predicted - measured.ttft_s)
+                metrics.PREDICTION_ERROR.labels(target.name).observe(err)
+                metrics.PREDICTION_RELATIVE_ERROR.labels(target.name).observe(
+                    err / max(measured.ttft_s, 1e-6)
+                )
         if measured.tpot_s is not None:
             metrics.TPOT.labels(target.name).observe(measured.tpot_s)
         outcome = RequestOutcome(
@@ -220,6 +596,7 @@ class AdmissionService:
             prompt_tokens=measured.prompt_tokens,
             output_tokens=measured.tokens,
             worker=measured.worker,
+            predicted_ttft_s=predicted,
             error=error,
         )
         self.recorder.submit(outcome, target)
@@ -237,15 +614,38 @@ class AdmissionSettings:
     slo_refresh_s: float = 5.0
     outcome_buffer: int = 10_000
     drain_timeout_s: float = 30.0
+    # Extra SLO classes from config (Redis targets override them), and what each class
+    # does when no worker can meet its target now.
+    classes: tuple[SloTarget, ...] = ()
+    policies: tuple[tuple[str, ClassPolicy], ...] = ()
+    default_policy: ClassPolicy = field(default_factory=ClassPolicy)
+    queue_capacity: int = 1024
+    queue_policy: str = "edf"
+    max_hold_factor: float = 4.0
+    poll_interval_s: float = 0.1
+    stale_after_s: float = 3.0
 
 
 def build_service(settings: AdmissionSettings) -> AdmissionService:
     store = MetricsStore.from_url(settings.redis_url) if settings.redis_url else None
     default = SloTarget(DEFAULT_CLASS, settings.default_ttft_s, settings.default_tpot_s)
+    classes = {default.name: default, **{c.name: c for c in settings.classes}}
     return AdmissionService(
-        WorkerPool(list(settings.workers)),
-        SloCatalog([default], store),
+        WorkerPool(
+            list(settings.workers),
+            poll_interval_s=settings.poll_interval_s,
+            stale_after_s=settings.stale_after_s,
+        ),
+        SloCatalog(
+            list(classes.values()),
+            store,
+            dict(settings.policies),
+            settings.default_policy,
+        ),
         OutcomeRecorder(store, capacity=settings.outcome_buffer),
+        queue_capacity=settings.queue_capacity,
+        queue_policy=settings.queue_policy,
+        max_hold_factor=settings.max_hold_factor,
     )
 
 
@@ -264,6 +664,7 @@ async def serve(settings: AdmissionSettings) -> None:
     running = await start_server(service, settings.host, settings.port)
     serving.start_metrics_server(settings.metrics_port)
     service.recorder.start()
+    service.start()
     refresher = asyncio.create_task(service.catalog.refresh_forever(settings.slo_refresh_s))
     await running.set_serving(True)
     log.info(

@@ -9,6 +9,7 @@ import logging
 
 import redis
 
+from layerkv.admission.routing import ClassPolicy
 from layerkv.common.slo import SloTarget
 from layerkv.common.store import MetricsStore
 
@@ -16,10 +17,23 @@ log = logging.getLogger(__name__)
 
 
 class SloCatalog:
-    def __init__(self, defaults: list[SloTarget], store: MetricsStore | None) -> None:
+    def __init__(
+        self,
+        defaults: list[SloTarget],
+        store: MetricsStore | None,
+        policies: dict[str, ClassPolicy] | None = None,
+        default_policy: ClassPolicy | None = None,
+    ) -> None:
         self._defaults = {t.name: t for t in defaults}
         self._from_store: dict[str, SloTarget] = {}
         self.store = store
+        # What a class does when no worker meets its target now (admission config;
+        # targets may come from Redis, policies do not).
+        self._policies = dict(policies or {})
+        self._default_policy = default_policy or ClassPolicy()
+
+    def policy(self, name: str) -> ClassPolicy:
+        return self._policies.get(name, self._default_policy)
 
     def get(self, name: str) -> SloTarget | None:
         return self._from_store.get(name) or self._defaults.get(name)

@@ -1,17 +1,49 @@
-"""The workers the admission service can send requests to, and their health as seen
-from here. A worker whose call fails before it streamed anything is skipped for
-``cooldown_s``; one that answers is used again at once."""
+"""The workers the admission service routes to, and a fresh view of each one's state.
+
+* Discovery: a fixed list of ``host:port``, and/or ``dns:NAME:PORT`` entries resolved
+  periodically (a Kubernetes headless Service's DNS name returns one A record per
+  ready pod), so pods that come and go are picked up.
+* State: each worker's ``GetLoad`` is polled every ``poll_interval_s``. A worker whose
+  last answer is older than ``stale_after_s``, that does not answer, that drains, or
+  whose call just failed (``cooldown_s``) is out of routing; it is back as soon as it
+  answers again.
+* Freshness between polls: the requests this admission service dispatched are tracked
+  locally (tokens streamed, finished), and :meth:`WorkerEndpoint.snapshot` merges them
+  into the last report, so a burst of arrivals between two polls is not all routed to
+  the same worker.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import logging
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 
+from layerkv.admission import metrics
+from layerkv.admission.ttft import KvState, RequestLoad, WorkerSnapshot, cdiv
+from layerkv.common.latency_model import LatencyCoefficients
 from layerkv.common.serving import KEEPALIVE_CLIENT_OPTIONS
-from layerkv.v1 import worker_pb2_grpc
+from layerkv.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalRequest:
+    """A request this admission service sent to a worker and has not seen finish."""
+
+    prompt_tokens: int
+    max_tokens: int
+    dispatched_at: float
+    output_tokens: int = 0
+    started: bool = False
 
 
 @dataclass
@@ -21,28 +53,222 @@ class WorkerEndpoint:
     stub: worker_pb2_grpc.WorkerStub = field(repr=False)
     unhealthy_until: float = 0.0  # time.monotonic()
     consecutive_failures: int = 0
+    load: worker_pb2.WorkerLoad | None = field(default=None, repr=False)
+    load_at: float = 0.0  # monotonic time of the last answer; 0 = never
+    reachable: bool = False
+    local: dict[str, LocalRequest] = field(default_factory=dict, repr=False)
+    finished_at: dict[str, float] = field(default_factory=dict, repr=False)
+    # Learned per-request overhead not in the engine's own timings (RPC hops,
+    # tokenisation, output streaming): EWMA of measured - predicted when not queued.
+    overhead_s: float = 0.0
 
     def healthy(self, now: float) -> bool:
         return now >= self.unhealthy_until
 
+    def state_age(self, now: float) -> float | None:
+        return now - self.load_at if self.load_at else None
+
+    def routable(self, now: float, stale_after_s: float) -> bool:
+        return (
+            self.reachable
+            and self.load is not None
+            and not self.load.draining
+            and self.healthy(now)
+            and now - self.load_at <= stale_after_s
+        )
+
+    def snapshot(self, prior: LatencyCoefficients) -> WorkerSnapshot:
+        """The last report merged with what happened here since it was taken."""
+        load = self.load
+        assert load is not None
+        bs = max(load.config.block_size, 1)
+        groups = max(load.kv_groups, 1)
+        free = load.kv_blocks_free
+        running: list[RequestLoad] = []
+        waiting: list[RequestLoad] = []
+        reported = set()
+        for r in load.requests:
+            fin = self.finished_at.get(r.request_id)
+            if fin is not None and fin >= self.load_at:
+                # Finished after the report: its blocks are free again.
+                if r.started:
+                    free += groups * cdiv(r.prompt_tokens + r.output_tokens, bs)
+                continue
+            reported.add(r.request_id)
+            mine = self.local.get(r.request_id)
+            out = max(r.output_tokens, mine.output_tokens if mine else 0)
+            started = r.started or (mine is not None and mine.started)
+            if started and not r.started:
+                free -= groups * cdiv(r.prompt_tokens + out, bs)
+            req = RequestLoad(r.prompt_tokens, r.max_tokens, out, started, r.request_id)
+            (running if started else waiting).append(req)
+        for rid, mine in self.local.items():
+            if rid in reported:
+                continue
+            req = RequestLoad(mine.prompt_tokens, mine.max_tokens, mine.output_tokens,
+                              mine.started, rid)  # fmt: skip
+            if mine.started:
+                free -= groups * cdiv(mine.prompt_tokens + mine.output_tokens, bs)
+                running.append(req)
+            else:
+                waiting.append(req)
+        # Requests the engine already runs (prefilling) have no first token yet but
+        # hold their blocks (counted out of ``free``): they are running, not queued.
+        # The engine schedules in arrival order, so they are the oldest waiting ones.
+        prefilling = min(max(load.running - len(running), 0), len(waiting))
+        running += waiting[:prefilling]
+        waiting = waiting[prefilling:]
+        # Started requests the engine preempted (KV ran out) wait again, ahead of the
+        # queue, and must recompute prompt + output: vLLM preempts the newest first.
+        preempted = min(max(load.waiting - len(waiting), 0), len(running))
+        if preempted:
+            back = running[len(running) - preempted :]
+            running = running[: len(running) - preempted]
+            waiting = [
+                RequestLoad(
+                    r.prompt_tokens + r.output_tokens,
+                    r.max_tokens - r.output_tokens,
+                    0,
+                    False,
+                    r.request_id,
+                )
+                for r in back
+            ] + waiting
+        if len(load.prefill_s_coeffs) == 3 and load.latency_samples > 0:
+            a, b, c = load.prefill_s_coeffs
+            latency = LatencyCoefficients(
+                a, b, c, load.decode_step_s, load.decode_step_s_per_seq, load.latency_samples
+            )
+        else:
+            latency = prior
+        kv = KvState(
+            block_size=bs,
+            blocks_total=load.kv_blocks_total,
+            blocks_free=min(max(free, 0), load.kv_blocks_total),
+            groups=groups,
+            layerkv=load.layerkv,
+            min_resident_groups=load.min_resident_groups,
+            host_blocks_free=load.host_kv_blocks_free,
+        )
+        return WorkerSnapshot(
+            address=self.address,
+            kv=kv,
+            latency=latency,
+            running=tuple(running),
+            waiting=tuple(waiting),
+            max_num_seqs=load.max_num_seqs or 256,
+            overhead_s=self.overhead_s,
+        )
+
+    # -- local bookkeeping --------------------------------------------------------------
+
+    def dispatched(self, request_id: str, prompt_tokens: int, max_tokens: int) -> None:
+        self.local[request_id] = LocalRequest(prompt_tokens, max_tokens, time.monotonic())
+
+    def streamed(self, request_id: str, tokens: int) -> None:
+        mine = self.local.get(request_id)
+        if mine is not None:
+            mine.started = True
+            mine.output_tokens += tokens
+
+    def finished(self, request_id: str) -> None:
+        if self.local.pop(request_id, None) is not None:
+            now = time.monotonic()
+            self.finished_at[request_id] = now
+            if len(self.finished_at) > 4096:  # bounded: older than any report we keep
+                cutoff = now - 60.0
+                self.finished_at = {k: v for k, v in self.finished_at.items() if v >= cutoff}
+
+    def learn_overhead(self, measured_minus_predicted_s: float, alpha: float = 0.2) -> None:
+        x = min(max(measured_minus_predicted_s, -0.5), 1.0)
+        self.overhead_s = max(0.0, self.overhead_s + alpha * (x - self.overhead_s))
+
+
+def resolve(spec: str) -> list[str]:
+    """``host:port`` as is; ``dns:NAME:PORT`` -> one ``ip:port`` per address record."""
+    if not spec.startswith("dns:"):
+        return [spec]
+    name, _, port = spec.removeprefix("dns:").lstrip("/").rpartition(":")
+    try:
+        infos = socket.getaddrinfo(name, int(port), proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, ValueError) as e:
+        log.warning("cannot resolve %s: %s", spec, e)
+        return []
+    out = []
+    for family, *_, sockaddr in infos:
+        host = f"[{sockaddr[0]}]" if family == socket.AF_INET6 else sockaddr[0]
+        out.append(f"{host}:{sockaddr[1]}")
+    return sorted(set(out))
+
 
 class WorkerPool:
-    def __init__(self, addresses: list[str], *, cooldown_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        addresses: list[str],
+        *,
+        cooldown_s: float = 2.0,
+        poll_interval_s: float = 0.1,
+        poll_timeout_s: float = 2.0,
+        stale_after_s: float = 3.0,
+        discover_interval_s: float = 5.0,
+        prior: LatencyCoefficients | None = None,
+    ) -> None:
         if not addresses:
             raise ValueError("at least one worker address is needed")
+        self.specs = list(addresses)
         self.cooldown_s = cooldown_s
-        self.workers = [self._connect(a) for a in addresses]
+        self.poll_interval_s = poll_interval_s
+        self.poll_timeout_s = poll_timeout_s
+        self.stale_after_s = stale_after_s
+        self.discover_interval_s = discover_interval_s
+        self.prior = prior or LatencyCoefficients()
+        self.workers: list[WorkerEndpoint] = []
+        self._by_address: dict[str, WorkerEndpoint] = {}
+        self._discover()
         self._next = itertools.count()
+        self._task: asyncio.Task | None = None
+        self.on_update: Callable[[], None] = lambda: None
+
+    def _discover(self) -> None:
+        wanted: list[str] = []
+        for spec in self.specs:
+            for address in resolve(spec):
+                if address not in wanted:
+                    wanted.append(address)
+        for address in wanted:
+            if address not in self._by_address:
+                ep = self._connect(address)
+                self._by_address[address] = ep
+                self.workers.append(ep)
+                log.info("worker %s added", address)
+        gone = [w for w in self.workers if w.address not in wanted]
+        for w in gone:
+            if w.local:
+                continue  # keep until its in-flight requests end
+            self.workers.remove(w)
+            del self._by_address[w.address]
+            metrics.WORKER_STATE_AGE.remove(w.address)
+            metrics.WORKER_ROUTABLE.remove(w.address)
+            asyncio.get_event_loop().create_task(w.channel.close())
+            log.info("worker %s removed", w.address)
 
     @staticmethod
     def _connect(address: str) -> WorkerEndpoint:
         channel = grpc.aio.insecure_channel(address, options=KEEPALIVE_CLIENT_OPTIONS)
         return WorkerEndpoint(address, channel, worker_pb2_grpc.WorkerStub(channel))
 
+    # -- routing views ------------------------------------------------------------------
+
+    def routable(self, now: float | None = None) -> list[WorkerEndpoint]:
+        now = time.monotonic() if now is None else now
+        return [w for w in self.workers if w.routable(now, self.stale_after_s)]
+
     def candidates(self) -> list[WorkerEndpoint]:
-        """Workers to try for one request, in order: healthy ones round-robin, then
-        the ones cooling down (better a retry than a refusal)."""
+        """Workers to try when no state is known, in order: healthy ones round-robin,
+        then the ones cooling down (better a retry than a refusal)."""
         now = time.monotonic()
+        if not self.workers:
+            return []
         start = next(self._next) % len(self.workers)
         ring = self.workers[start:] + self.workers[:start]
         return [w for w in ring if w.healthy(now)] + [w for w in ring if not w.healthy(now)]
@@ -55,6 +281,67 @@ class WorkerPool:
         worker.consecutive_failures = 0
         worker.unhealthy_until = 0.0
 
+    # -- polling ------------------------------------------------------------------------
+
+    async def poll_once(self) -> None:
+        """Poll every worker once (concurrently)."""
+        await asyncio.gather(*(self._poll(w) for w in list(self.workers)))
+
+    def _publish(self, w: WorkerEndpoint) -> None:
+        now = time.monotonic()
+        age = w.state_age(now)
+        metrics.WORKER_STATE_AGE.labels(w.address).set(-1 if age is None else age)
+        metrics.WORKER_ROUTABLE.labels(w.address).set(int(w.routable(now, self.stale_after_s)))
+
+    async def _poll(self, w: WorkerEndpoint) -> None:
+        try:
+            load = await w.stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=self.poll_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            if w.reachable:
+                log.warning("worker %s out of routing: %s", w.address, e.code().name)
+            w.reachable = False
+        else:
+            if not w.reachable:
+                log.info("worker %s answers: in routing", w.address)
+            w.load, w.load_at, w.reachable = load, time.monotonic(), True
+        self._publish(w)
+        self.on_update()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="worker-discovery")
+
+    async def _poll_forever(self, w: WorkerEndpoint) -> None:
+        # One loop per worker: a slow or frozen worker does not delay the others' state.
+        while True:
+            try:
+                await self._poll(w)
+            except Exception:  # the poller must outlive any one bad answer
+                log.exception("polling %s failed", w.address)
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def _run(self) -> None:
+        pollers: dict[str, asyncio.Task] = {}
+        try:
+            while True:
+                if any(s.startswith("dns:") for s in self.specs):
+                    self._discover()
+                for w in self.workers:
+                    if w.address not in pollers:
+                        pollers[w.address] = asyncio.create_task(self._poll_forever(w))
+                for address in [a for a in pollers if a not in self._by_address]:
+                    pollers.pop(address).cancel()
+                await asyncio.sleep(self.discover_interval_s)
+        finally:
+            for task in pollers.values():
+                task.cancel()
+            await asyncio.gather(*pollers.values(), return_exceptions=True)
+
     async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
         for w in self.workers:
             await w.channel.close()

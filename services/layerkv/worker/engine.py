@@ -16,6 +16,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.metrics.loggers import StatLoggerBase
 from vllm.v1.metrics.stats import SchedulerStats
 
+from layerkv.common.latency_model import OnlineLatencyModel
 from layerkv.common.requests import Sampling
 
 
@@ -100,6 +101,20 @@ class EngineStatsRecorder:
     def __init__(self) -> None:
         self.latest = SchedulerSnapshot()
         self.num_kv_blocks = 0
+        # Prefill time and decode step time, fitted from the engine's per-request
+        # timings (vLLM's FinishedRequestStats), for the admission's TTFT predictor.
+        self.latency = OnlineLatencyModel()
+        self._running_avg = 0.0  # EWMA of running requests: the batch a decode saw
+
+    def _observe(self, iteration_stats) -> None:
+        for fin in getattr(iteration_stats, "finished_requests", ()):
+            if fin.num_preemptions:
+                continue  # recomputed: its timings mix two lives
+            self.latency.observe_prefill(fin.num_prompt_tokens, fin.prefill_time)
+            if fin.num_generation_tokens > 1:
+                self.latency.observe_decode(
+                    max(1, round(self._running_avg)), fin.mean_time_per_output_token
+                )
 
     def factory(self, vllm_config, engine_index: int = 0) -> StatLoggerBase:
         recorder = self
@@ -109,7 +124,12 @@ class EngineStatsRecorder:
                 self.vllm_config = vllm_config
 
             def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+                if iteration_stats is not None:
+                    recorder._observe(iteration_stats)
                 if scheduler_stats is not None:
+                    recorder._running_avg += 0.1 * (
+                        scheduler_stats.num_running_reqs - recorder._running_avg
+                    )
                     recorder.latest = SchedulerSnapshot(
                         running=scheduler_stats.num_running_reqs,
                         waiting=scheduler_stats.num_waiting_reqs

@@ -48,6 +48,9 @@ class WorkerService:
         self.settings = settings
         self.engine: AsyncLLM | None = None  # set by attach() once loaded
         self.in_flight: set[str] = set()
+        # Per accepted request, in arrival order: what the admission's TTFT predictor
+        # needs (prompt length, tokens so far, max tokens, started or waiting).
+        self.progress: dict[str, worker_pb2.RequestProgress] = {}
         self.draining = False
 
     def attach(self, engine: AsyncLLM, stats: EngineStatsRecorder) -> None:
@@ -104,6 +107,10 @@ class WorkerService:
         finish_reason = None
         status = "error"
         self.in_flight.add(request_id)
+        progress = worker_pb2.RequestProgress(
+            request_id=request_id, prompt_tokens=len(ids), max_tokens=params.max_tokens
+        )
+        self.progress[request_id] = progress
         metrics.IN_FLIGHT.inc()
         try:
             async for out in engine.generate({"prompt_token_ids": ids}, params, request_id):
@@ -111,7 +118,9 @@ class WorkerService:
                 if completion.token_ids:
                     if first_token_at is None:
                         first_token_at = time.monotonic()
+                        progress.started = True
                     num_out += len(completion.token_ids)
+                    progress.output_tokens = num_out
                     yield worker_pb2.WorkerGenerateResponse(
                         tokens=common_pb2.TokenChunk(
                             text=completion.text, token_ids=completion.token_ids
@@ -147,6 +156,7 @@ class WorkerService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             self.in_flight.discard(request_id)
+            self.progress.pop(request_id, None)
             metrics.IN_FLIGHT.dec()
             metrics.REQUESTS.labels(status).inc()
 
@@ -156,7 +166,14 @@ class WorkerService:
         total = self.stats.num_kv_blocks
         used = round(snap.kv_cache_usage * total)
         age = time.monotonic() - snap.reported_at if snap.reported_at else -1.0
+        lat = self.stats.latency.coefficients()
         return worker_pb2.WorkerLoad(
+            prefill_s_coeffs=[lat.prefill_a_s, lat.prefill_b_s, lat.prefill_c_s],
+            decode_step_s=lat.decode_step_s,
+            decode_step_s_per_seq=lat.decode_step_s_per_seq,
+            latency_samples=lat.samples,
+            requests=list(self.progress.values()),
+            max_num_seqs=self.settings.max_num_seqs,
             running=snap.running,
             waiting=snap.waiting,
             in_flight=len(self.in_flight),

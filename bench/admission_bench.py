@@ -1,0 +1,475 @@
+"""Admission benchmark (issue #4): TTFT prediction accuracy, SLO goodput, overhead.
+
+    python bench/admission_bench.py --model models/tiny-llama [--scale 0.5]
+
+Starts Redis, two workers (real vLLM engines, small KV caches so long prompts queue
+for memory) and the admission service as real processes on loopback, then:
+
+1. accuracy: an open-loop Poisson workload whose rate ramps from idle to past
+   saturation, through admission (a class with a loose target, so every request is
+   sent at once and the prediction must foresee the worker's queueing and KV wait);
+   MAPE of the ADMITTED decision's predicted TTFT vs the measured TTFT, overall and
+   in the last (saturated) third;
+2. goodput: one overloaded mixed workload (short "interactive" prompts with a tight
+   TTFT target and the reject policy; long "batch" prompts with a loose target and the
+   queue policy), sent (a) round-robin straight to the workers (vLLM's FIFO) and
+   (b) through admission; SLO violation rate (rejected = violated) and goodput
+   (requests meeting both targets per second);
+3. overhead: admission decisions per second on one core without an engine (the pure
+   policy path: predict on every worker, choose, queue), and added per-request latency
+   through admission vs the worker directly (sequential small requests).
+
+Writes bench/results/admission.json (summary fields + raw points) and an SVG plot.
+LayerKV on: the worker has no ``--layerkv`` flag yet, so only "off" is measured; the
+predictor's LayerKV branch is covered by unit tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from layerkv.admission.queue import QueuedRequest, create_queue
+from layerkv.admission.routing import (
+    ClassPolicy,
+    MissPolicy,
+    best_prediction,
+    dispatch_verdict,
+    should_reject,
+)
+from layerkv.admission.ttft import KvState, RequestLoad, WorkerSnapshot, predict_ttft
+from layerkv.common.latency_model import LatencyCoefficients
+from layerkv.tools import local_stack
+from layerkv.v1 import admission_pb2, admission_pb2_grpc, common_pb2, worker_pb2, worker_pb2_grpc
+
+KV_BLOCKS = 160  # per worker, 32 tokens each: ~5k tokens of KV
+VOCAB = 590
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def mape(points: list[dict]) -> float | None:
+    errs = [abs(p["predicted_s"] - p["ttft_s"]) / p["ttft_s"] for p in points if p["ttft_s"] > 0]
+    return statistics.fmean(errs) if errs else None
+
+
+def prompt_ids(rng: random.Random, n: int) -> list[int]:
+    # Random ids: no two prompts share a prefix (prefix caching would skew prefills).
+    return [rng.randrange(5, VOCAB) for _ in range(n)]
+
+
+def sampling(max_tokens: int) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+
+async def one_request(stub, req, via_admission: bool, t0: float) -> dict:
+    sent = time.perf_counter()
+    point = {"sent_at": sent - t0, "prompt_tokens": len(req.prompt_token_ids)}
+    first = last = None
+    n = 0
+    try:
+        async for resp in stub.Generate(req, timeout=300):
+            if resp.HasField("tokens"):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                n += len(resp.tokens.token_ids)
+            elif (
+                via_admission
+                and resp.HasField("decision")
+                and resp.decision.kind == admission_pb2.DECISION_KIND_ADMITTED
+            ):
+                point["predicted_s"] = resp.decision.predicted_ttft_s
+                point["worker"] = resp.decision.worker
+        point["status"] = "ok"
+    except grpc.aio.AioRpcError as e:
+        point["status"] = e.code().name.lower()
+    point["ttft_s"] = (first - sent) if first else None
+    point["tpot_s"] = (last - first) / (n - 1) if n > 1 else None
+    point["tokens"] = n
+    return point
+
+
+async def open_loop(make_call, arrivals: list[float]) -> list[dict]:
+    t0 = time.perf_counter()
+    tasks = []
+    for i, at in enumerate(arrivals):
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)  # open-loop arrival schedule, not synchronisation
+        tasks.append(asyncio.create_task(make_call(i, t0)))
+    return await asyncio.gather(*tasks)
+
+
+def poisson(rng: random.Random, rate_at, duration_s: float) -> list[float]:
+    """Arrival times of a Poisson process with time-varying rate (thinning)."""
+    peak = max(rate_at(x * duration_s / 100) for x in range(101))
+    t, out = 0.0, []
+    while True:
+        t += rng.expovariate(peak)
+        if t >= duration_s:
+            return out
+        if rng.random() < rate_at(t) / peak:
+            out.append(t)
+
+
+# -- phase 1: accuracy --------------------------------------------------------------
+
+
+async def accuracy(admission_addr: str, duration_s: float, peak_rps: float, seed: int) -> dict:
+    rng = random.Random(seed)
+    arrivals = poisson(rng, lambda t: 0.2 + (peak_rps - 0.2) * t / duration_s, duration_s)
+    shapes = [(rng.randint(64, 1800), rng.randint(16, 160)) for _ in arrivals]
+    prompts = [prompt_ids(rng, p) for p, _ in shapes]
+    async with grpc.aio.insecure_channel(admission_addr) as ch:
+        stub = admission_pb2_grpc.AdmissionStub(ch)
+
+        def call(i, t0):
+            req = admission_pb2.GenerateRequest(
+                prompt_token_ids=prompts[i], sampling=sampling(shapes[i][1]), slo_class="bulk"
+            )
+            return one_request(stub, req, True, t0)
+
+        points = await open_loop(call, arrivals)
+    ok = [p for p in points if p["status"] == "ok" and p.get("predicted_s") and p["ttft_s"]]
+    third = duration_s * 2 / 3
+    return {
+        "ttft_mape": mape(ok),
+        "ttft_mape_saturated": mape([p for p in ok if p["sent_at"] >= third]),
+        "requests": len(points),
+        "completed": len(ok),
+        "points": points,
+    }
+
+
+# -- phase 2: goodput ---------------------------------------------------------------
+
+CLASSES = {
+    # name: (ttft_s, tpot_s) filled from probes in main()
+}
+
+
+def mixed_workload(rng: random.Random, duration_s: float, rps: float) -> list[dict]:
+    arrivals = poisson(rng, lambda t: rps, duration_s)
+    out = []
+    for at in arrivals:
+        if rng.random() < 0.6:
+            out.append({"at": at, "cls": "interactive", "p": rng.randint(32, 256), "m": 32})
+        else:
+            out.append({"at": at, "cls": "batch", "p": rng.randint(900, 1800), "m": 96})
+    for r in out:
+        r["ids"] = prompt_ids(rng, r["p"])
+    return out
+
+
+def judge(points: list[dict], work: list[dict], duration_s: float) -> dict:
+    met = 0
+    for p, w in zip(points, work, strict=True):
+        ttft_t, tpot_t = CLASSES[w["cls"]]
+        ok = (
+            p["status"] == "ok"
+            and p["ttft_s"] is not None
+            and p["ttft_s"] <= ttft_t
+            and (p["tpot_s"] is None or p["tpot_s"] <= tpot_t)
+        )
+        p["met_slo"] = ok
+        p["slo_class"] = w["cls"]
+        met += ok
+    makespan = max(
+        [duration_s]
+        + [p["sent_at"] + (p["ttft_s"] or 0) + (p["tpot_s"] or 0) * p["tokens"] for p in points]
+    )
+    return {
+        "violation_rate": 1 - met / len(points),
+        "goodput_rps": met / makespan,
+        "rejected": sum(p["status"] == "resource_exhausted" for p in points),
+        "points": points,
+    }
+
+
+async def goodput(workers: list[str], admission_addr: str, work: list[dict], dur: float):
+    arrivals = [w["at"] for w in work]
+    # (a) round-robin straight to the workers: each engine's FIFO queue.
+    channels = [grpc.aio.insecure_channel(a) for a in workers]
+    stubs = [worker_pb2_grpc.WorkerStub(c) for c in channels]
+
+    def rr_call(i, t0):
+        w = work[i]
+        req = worker_pb2.WorkerGenerateRequest(prompt_token_ids=w["ids"], sampling=sampling(w["m"]))
+        return one_request(stubs[i % len(stubs)], req, False, t0)
+
+    baseline = judge(await open_loop(rr_call, arrivals), work, dur)
+    for c in channels:
+        await c.close()
+    await asyncio.sleep(3)  # let the engines drain before the second run (not a sync)
+    async with grpc.aio.insecure_channel(admission_addr) as ch:
+        stub = admission_pb2_grpc.AdmissionStub(ch)
+
+        def adm_call(i, t0):
+            w = work[i]
+            req = admission_pb2.GenerateRequest(
+                prompt_token_ids=w["ids"], sampling=sampling(w["m"]), slo_class=w["cls"]
+            )
+            return one_request(stub, req, True, t0)
+
+        admitted = judge(await open_loop(adm_call, arrivals), work, dur)
+    return baseline, admitted
+
+
+# -- phase 3: overhead --------------------------------------------------------------
+
+
+def decisions_per_second(seconds: float = 2.0) -> float:
+    """The per-request policy path on one core: predict on 2 workers (16 running, 4
+    waiting each, KV nearly full), choose, reject check, queue push, verdict, pop."""
+    rng = random.Random(1)
+    lat = LatencyCoefficients(0.01, 4e-5, 1e-9, 0.01, 5e-4, 100)
+
+    def worker(name):
+        running = tuple(
+            RequestLoad(rng.randint(64, 1500), 200, rng.randint(0, 150), True) for _ in range(16)
+        )
+        waiting = tuple(RequestLoad(rng.randint(64, 1500), 100) for _ in range(4))
+        return WorkerSnapshot(name, KvState(32, 1000, 40), lat, running, waiting, 64)
+
+    snaps = [worker("a"), worker("b")]
+    queue = create_queue("edf", 1024)
+    policy = ClassPolicy(MissPolicy.REJECT, 2.0)
+    n = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(100):
+            p = 64 + (n * 37) % 1500
+            best = best_prediction(predict_ttft(s, p, 64) for s in snaps)
+            should_reject(best, 1.0, policy)
+            item = QueuedRequest(str(n), "c", 0.0, 1.0, 1.0, prompt_tokens=p)
+            queue.push(item)
+            dispatch_verdict(item, best, 0.5)
+            queue.remove(item)
+            n += 1
+    return n / (time.perf_counter() - start)
+
+
+def added_latency(worker_addr: str, admission_addr: str, requests: int) -> dict:
+    with (
+        grpc.insecure_channel(worker_addr) as wch,
+        grpc.insecure_channel(admission_addr) as ach,
+    ):
+        direct = worker_pb2_grpc.WorkerStub(wch)
+        via = admission_pb2_grpc.AdmissionStub(ach)
+        ids = list(range(5, 45))
+        paths = {
+            "direct": lambda: direct.Generate(
+                worker_pb2.WorkerGenerateRequest(prompt_token_ids=ids, sampling=sampling(2))
+            ),
+            "admission": lambda: via.Generate(
+                admission_pb2.GenerateRequest(prompt_token_ids=ids, sampling=sampling(2))
+            ),
+        }
+
+        def ttft(stream) -> float:
+            start = time.perf_counter()
+            first = None
+            for resp in stream:
+                if first is None and resp.HasField("tokens"):
+                    first = time.perf_counter()
+            return first - start
+
+        for call in paths.values():
+            for _ in range(10):
+                ttft(call())
+        samples = {"direct": [], "admission": []}
+        for i in range(requests * 2):
+            name = ("direct", "admission")[(i + i // 2) % 2]
+            samples[name].append(ttft(paths[name]()))
+    return {
+        "added_latency_p50_ms": (pct(samples["admission"], 50) - pct(samples["direct"], 50)) * 1000,
+        "added_latency_p99_ms": (pct(samples["admission"], 99) - pct(samples["direct"], 99)) * 1000,
+        "direct_ttft_p50_ms": pct(samples["direct"], 50) * 1000,
+        "admission_ttft_p50_ms": pct(samples["admission"], 50) * 1000,
+    }
+
+
+def probe(worker_addr: str) -> tuple[float, float, float]:
+    """Idle TTFT of a short and a long prompt, and TPOT, straight from one worker."""
+    rng = random.Random(7)
+    with grpc.insecure_channel(worker_addr) as ch:
+        stub = worker_pb2_grpc.WorkerStub(ch)
+        out = {}
+        for name, n in (("short", 128), ("long", 1500)):
+            vals = []
+            for _ in range(3):
+                req = worker_pb2.WorkerGenerateRequest(
+                    prompt_token_ids=prompt_ids(rng, n), sampling=sampling(32)
+                )
+                for r in stub.Generate(req):
+                    if r.HasField("completion"):
+                        vals.append((r.completion.ttft_s, r.completion.tpot_s))
+            out[name] = (
+                statistics.median(v[0] for v in vals),
+                statistics.median(v[1] for v in vals),
+            )
+    return out["short"][0], out["long"][0], out["short"][1]
+
+
+# -- plot ---------------------------------------------------------------------------
+
+
+def svg_scatter(points: list[dict], path: Path) -> None:
+    pts = [(p["ttft_s"], p["predicted_s"], p["sent_at"]) for p in points
+           if p.get("predicted_s") and p.get("ttft_s")]  # fmt: skip
+    if not pts:
+        return
+    hi = max(max(a, b) for a, b, _ in pts) * 1.05
+    tmax = max(t for *_, t in pts) or 1
+    size, pad = 480, 50
+    sx = lambda v: pad + v / hi * (size - 2 * pad)  # noqa: E731
+    sy = lambda v: size - pad - v / hi * (size - 2 * pad)  # noqa: E731
+    dots = "".join(
+        f'<circle cx="{sx(m):.1f}" cy="{sy(p):.1f}" r="2.5" '
+        f'fill="rgb({int(255 * t / tmax)},60,{int(255 * (1 - t / tmax))})" opacity="0.7"/>'
+        for m, p, t in pts
+    )
+    svg = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}">'
+        f'<rect width="100%" height="100%" fill="white"/>'
+        f'<line x1="{sx(0)}" y1="{sy(0)}" x2="{sx(hi)}" y2="{sy(hi)}" stroke="#888"/>'
+        f'<line x1="{sx(0)}" y1="{sy(0)}" x2="{sx(hi)}" y2="{sy(0)}" stroke="black"/>'
+        f'<line x1="{sx(0)}" y1="{sy(0)}" x2="{sx(0)}" y2="{sy(hi)}" stroke="black"/>'
+        f"{dots}"
+        f'<text x="{size / 2}" y="{size - 12}" text-anchor="middle" font-size="12">'
+        f"measured TTFT (s, max {hi:.2f})</text>"
+        f'<text x="14" y="{size / 2}" transform="rotate(-90 14 {size / 2})" '
+        f'text-anchor="middle" font-size="12">predicted TTFT (s)</text>'
+        f'<text x="{size / 2}" y="20" text-anchor="middle" font-size="13">'
+        f"TTFT predicted vs measured (blue: idle -> red: saturated)</text></svg>"
+    )
+    path.write_text(svg)
+
+
+# -- main ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="models/tiny-llama")
+    ap.add_argument("--scale", type=float, default=1.0, help="workload duration factor")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/admission.json"))
+    args = ap.parse_args(argv)
+
+    result: dict = {"kv_blocks_per_worker": KV_BLOCKS, "workers": 2, "layerkv": False}
+    print("decisions/s (pure policy path, one core) ...", flush=True)
+    result["decisions_per_s"] = decisions_per_second()
+    print(f"  {result['decisions_per_s']:.0f}", flush=True)
+
+    log_dir = Path(".run/bench-admission")
+    procs: list[local_stack.Proc] = []
+    try:
+        redis = local_stack.start_redis(local_stack.free_port(), log_dir)
+        procs.append(redis)
+        workers = [
+            local_stack.start_worker(
+                local_stack.free_port(), model=args.model, log_dir=log_dir,
+                extra_args=["--dtype", "float32", "--num-kv-blocks", str(KV_BLOCKS)],
+            )
+            for _ in range(2)
+        ]  # fmt: skip
+        procs += workers
+        for w in workers:
+            local_stack.wait_serving(w, timeout_s=400)
+        ttft_short, ttft_long, tpot = probe(workers[0].address)
+        result["probe"] = {"ttft_short_s": ttft_short, "ttft_long_s": ttft_long, "tpot_s": tpot}
+        # Targets relative to this machine's speed, so the workload means the same
+        # everywhere: interactive must start within a few short prefills, batch within
+        # several long ones; TPOT within 3x the idle decode step.
+        CLASSES["interactive"] = (max(4 * ttft_short, 0.15), 3 * tpot)
+        CLASSES["batch"] = (max(8 * ttft_long, 1.0), 3 * tpot)
+        result["classes"] = {k: {"ttft_s": a, "tpot_s": b} for k, (a, b) in CLASSES.items()}
+        spec = ",".join(f"{k}={a * 1000:.1f}:{b * 1000:.1f}" for k, (a, b) in CLASSES.items())
+
+        def admission_proc(*extra: str) -> local_stack.Proc:
+            proc = local_stack.start_admission(
+                local_stack.free_port(),
+                workers=[w.address for w in workers],
+                redis_url=redis.extra["url"],
+                log_dir=log_dir,
+                extra_args=[
+                    "--slo-classes", f"{spec},bulk=1000000:1000000",
+                    "--class-policy", "interactive=reject:2,batch=queue",
+                    *extra,
+                ],
+            )  # fmt: skip
+            procs.append(proc)
+            local_stack.wait_serving(proc, timeout_s=60)
+            return proc
+
+        print(f"probe: {result['probe']}; classes {result['classes']}", flush=True)
+
+        # Capacity estimate: a worker prefills ~1/ttft_long long prompts per second.
+        peak = 2.5 * 2 / (ttft_long + 100 * tpot)
+        dur = 90 * args.scale
+        print(f"accuracy: ramp to {peak:.2f} req/s over {dur:.0f} s ...", flush=True)
+        # No holding in admission (--max-hold-factor 0): every request goes to a worker
+        # at once, so the prediction has to foresee all of the worker-side waiting.
+        forwarder = admission_proc("--max-hold-factor", "0")
+        acc = asyncio.run(accuracy(forwarder.address, dur, peak, args.seed))
+        forwarder.stop()
+        result["ttft_mape"] = acc["ttft_mape"]
+        result["ttft_mape_saturated"] = acc["ttft_mape_saturated"]
+        result["ttft_mape_layerkv_on"] = None  # no --layerkv worker yet
+        print(f"  MAPE {acc['ttft_mape']}, saturated {acc['ttft_mape_saturated']} "
+              f"({acc['completed']}/{acc['requests']})", flush=True)  # fmt: skip
+        admission = admission_proc()
+
+        gdur = 60 * args.scale
+        rps = peak  # ~2.5x the long-prompt capacity estimate: overloaded
+        work = mixed_workload(random.Random(args.seed + 1), gdur, rps)
+        print(f"goodput: {len(work)} requests at {rps:.2f} req/s ...", flush=True)
+        base, adm = asyncio.run(goodput([w.address for w in workers], admission.address,
+                                        work, gdur))  # fmt: skip
+        result["violation_rate_baseline"] = base["violation_rate"]
+        result["violation_rate_admission"] = adm["violation_rate"]
+        result["goodput_baseline_rps"] = base["goodput_rps"]
+        result["goodput_admission_rps"] = adm["goodput_rps"]
+        result["rejected_admission"] = adm["rejected"]
+        print(
+            f"  violations {base['violation_rate']:.3f} -> {adm['violation_rate']:.3f}; "
+            f"goodput {base['goodput_rps']:.3f} -> {adm['goodput_rps']:.3f} req/s",
+            flush=True,
+        )
+
+        print("added latency ...", flush=True)
+        result.update(added_latency(workers[0].address, admission.address, int(100 * args.scale)))
+        result["raw"] = {
+            "accuracy": acc["points"],
+            "goodput_baseline": base["points"],
+            "goodput_admission": adm["points"],
+            "workload": [{k: v for k, v in w.items() if k != "ids"} for w in work],
+        }
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    svg_scatter(result["raw"]["accuracy"], args.out.with_name("admission_ttft.svg"))
+    summary = {k: v for k, v in result.items() if k != "raw"}
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {args.out} and {args.out.with_name('admission_ttft.svg')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Engine latency models fitted online from a worker's own measurements. Pure: no I/O.
+
+Two models, the inputs of the admission service's TTFT predictor:
+
+* prefill time of one request of ``P`` prompt tokens: ``a + b*P + c*P^2`` seconds
+  (the quadratic term is attention over the prompt);
+* decode step time with ``n`` running requests: ``d0 + d1*n`` seconds.
+
+The worker fits them from what vLLM reports per finished request (time from first
+scheduled to first token, and mean time per output token), with no help from the
+LayerKV plug-in; the plug-in can later supply its own engine-side fit through the same
+``WorkerLoad`` fields. Both fits are least squares over a sliding window, constrained
+to non-negative coefficients (a negative slope would predict negative time for long
+prompts), and fall back to a prior until enough samples arrive.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LatencyCoefficients:
+    prefill_a_s: float = 0.01
+    prefill_b_s: float = 5e-5
+    prefill_c_s: float = 0.0
+    decode_step_s: float = 0.01
+    decode_step_s_per_seq: float = 0.0
+    samples: int = 0  # measurements behind the fit; 0 = all prior
+
+    def prefill_s(self, prompt_tokens: int) -> float:
+        p = float(prompt_tokens)
+        return max(0.0, self.prefill_a_s + self.prefill_b_s * p + self.prefill_c_s * p * p)
+
+    def decode_step(self, running: int) -> float:
+        return max(0.0, self.decode_step_s + self.decode_step_s_per_seq * running)
+
+
+def _solve(m: list[list[float]], v: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; None when singular."""
+    n = len(v)
+    a = [[*row, rhs] for row, rhs in zip(m, v, strict=True)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-12:
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(n):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                for k in range(col, n + 1):
+                    a[r][k] -= f * a[col][k]
+    return [a[i][n] / a[i][i] for i in range(n)]
+
+
+def least_squares_nonneg(
+    rows: list[list[float]], ys: list[float], ridge: float = 1e-9
+) -> list[float] | None:
+    """Least squares ``X w ~ y`` with ``w >= 0``, by dropping the most negative
+    coefficient and refitting (exact for the 2-3 features used here). Columns are
+    scaled to unit magnitude first, so P and P^2 (up to ~1e7) stay well conditioned."""
+    if not rows:
+        return None
+    k = len(rows[0])
+    scale = [max(max(abs(r[j]) for r in rows), 1e-12) for j in range(k)]
+    active = list(range(k))
+    while active:
+        xtx = [[0.0] * len(active) for _ in active]
+        xty = [0.0] * len(active)
+        for r, y in zip(rows, ys, strict=True):
+            x = [r[j] / scale[j] for j in active]
+            for i, xi in enumerate(x):
+                xty[i] += xi * y
+                for j, xj in enumerate(x):
+                    xtx[i][j] += xi * xj
+        for i in range(len(active)):
+            xtx[i][i] += ridge
+        w = _solve(xtx, xty)
+        if w is None:
+            return None
+        worst = min(range(len(w)), key=lambda i: w[i])
+        if w[worst] >= 0:
+            out = [0.0] * k
+            for i, j in enumerate(active):
+                out[j] = w[i] / scale[j]
+            return out
+        active.pop(worst)
+    return [0.0] * k
+
+
+class OnlineLatencyModel:
+    """Sliding-window fits of prefill time and decode step time."""
+
+    def __init__(
+        self,
+        prior: LatencyCoefficients | None = None,
+        *,
+        window: int = 256,
+        min_samples: int = 4,
+    ) -> None:
+        self.prior = prior or LatencyCoefficients()
+        self._prefill: deque[tuple[int, float]] = deque(maxlen=window)
+        self._decode: deque[tuple[int, float]] = deque(maxlen=window)
+        self.min_samples = min_samples
+        self._cached: LatencyCoefficients | None = None
+
+    def observe_prefill(self, prompt_tokens: int, seconds: float) -> None:
+        if prompt_tokens > 0 and seconds > 0:
+            self._prefill.append((prompt_tokens, seconds))
+            self._cached = None
+
+    def observe_decode(self, running: int, seconds_per_step: float) -> None:
+        if running > 0 and seconds_per_step > 0:
+            self._decode.append((running, seconds_per_step))
+            self._cached = None
+
+    @property
+    def samples(self) -> int:
+        return len(self._prefill) + len(self._decode)
+
+    def coefficients(self) -> LatencyCoefficients:
+        if self._cached is None:
+            self._cached = self._fit()
+        return self._cached
+
+    def _fit(self) -> LatencyCoefficients:
+        a, b, c = self.prior.prefill_a_s, self.prior.prefill_b_s, self.prior.prefill_c_s
+        d0, d1 = self.prior.decode_step_s, self.prior.decode_step_s_per_seq
+        used = 0
+        if len(self._prefill) >= self.min_samples:
+            used += len(self._prefill)
+            ps = [p for p, _ in self._prefill]
+            ys = [s for _, s in self._prefill]
+            # A quadratic needs spread in P; with few distinct lengths fit a line.
+            cols = 3 if len(set(ps)) >= 3 else 2
+            rows = [[1.0, float(p), float(p) * p][:cols] for p in ps]
+            w = least_squares_nonneg(rows, ys)
+            if w is not None:
+                a, b, c = w[0], w[1], (w[2] if cols == 3 else 0.0)
+        if len(self._decode) >= self.min_samples:
+            used += len(self._decode)
+            ns = [n for n, _ in self._decode]
+            ys = [s for _, s in self._decode]
+            if len(set(ns)) >= 2:
+                w = least_squares_nonneg([[1.0, float(n)] for n in ns], ys)
+                if w is not None:
+                    d0, d1 = w
+            else:
+                d0, d1 = sum(ys) / len(ys), 0.0
+        return LatencyCoefficients(a, b, c, d0, d1, used)

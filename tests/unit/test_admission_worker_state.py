@@ -1,0 +1,113 @@
+"""The admission's view of one worker: the last load report merged with what admission
+did since (pure parts of ``admission/workers.py``), and address discovery."""
+
+from __future__ import annotations
+
+import time
+
+from layerkv.admission.workers import WorkerEndpoint, resolve
+from layerkv.common.latency_model import LatencyCoefficients
+from layerkv.v1 import worker_pb2
+
+PRIOR = LatencyCoefficients()
+
+
+def progress(rid, prompt, out, max_tokens, started):
+    return worker_pb2.RequestProgress(
+        request_id=rid,
+        prompt_tokens=prompt,
+        output_tokens=out,
+        max_tokens=max_tokens,
+        started=started,
+    )
+
+
+def endpoint(load: worker_pb2.WorkerLoad) -> WorkerEndpoint:
+    ep = WorkerEndpoint("w:1", channel=None, stub=None)
+    ep.load, ep.load_at, ep.reachable = load, time.monotonic(), True
+    return ep
+
+
+def load(**kw) -> worker_pb2.WorkerLoad:
+    base = dict(
+        kv_blocks_total=100,
+        kv_blocks_free=50,
+        config=worker_pb2.EngineConfig(block_size=32),
+        max_num_seqs=16,
+    )
+    base.update(kw)
+    return worker_pb2.WorkerLoad(**base)
+
+
+def test_report_is_used_with_its_fit_and_requests():
+    ep = endpoint(
+        load(
+            running=1,
+            requests=[progress("a", 320, 10, 100, True), progress("b", 64, 0, 8, False)],
+            prefill_s_coeffs=[0.02, 1e-4, 0.0],
+            decode_step_s=0.01,
+            decode_step_s_per_seq=0.001,
+            latency_samples=9,
+        )
+    )
+    snap = ep.snapshot(PRIOR)
+    assert [r.request_id for r in snap.running] == ["a"]
+    assert [r.request_id for r in snap.waiting] == ["b"]
+    assert snap.latency.prefill_a_s == 0.02 and snap.latency.samples == 9
+    assert snap.kv.blocks_free == 50 and snap.max_num_seqs == 16
+    assert ep.routable(time.monotonic(), stale_after_s=1.0)
+    assert not ep.routable(time.monotonic() + 2.0, stale_after_s=1.0)
+
+
+def test_no_fit_yet_uses_the_prior():
+    assert endpoint(load()).snapshot(PRIOR).latency == PRIOR
+
+
+def test_requests_dispatched_and_finished_since_the_report():
+    ep = endpoint(load(running=1, requests=[progress("a", 320, 10, 100, True)]))
+    ep.dispatched("a", 320, 100)  # "a" came through this admission service too
+    ep.streamed("a", 10)
+    ep.dispatched("new", 64, 8)
+    snap = ep.snapshot(PRIOR)
+    assert [r.request_id for r in snap.waiting] == ["new"]
+    ep.streamed("new", 1)  # first token: 65 tokens now hold 3 blocks
+    snap = ep.snapshot(PRIOR)
+    assert {r.request_id for r in snap.running} == {"a", "new"}
+    assert snap.kv.blocks_free == 47
+    ep.finished("a")  # its 11 blocks are free although the report still lists it
+    snap = ep.snapshot(PRIOR)
+    assert [r.request_id for r in snap.running] == ["new"]
+    assert snap.kv.blocks_free == 47 + 11
+
+
+def test_prefilling_request_counts_as_running():
+    # The engine runs 2 requests, one without a token yet: it is prefilling (its
+    # blocks are already taken), not queued.
+    requests = [progress("old", 100, 50, 200, True), progress("pf", 500, 0, 10, False)]
+    snap = endpoint(load(running=2, waiting=0, requests=requests)).snapshot(PRIOR)
+    assert [r.request_id for r in snap.running] == ["old", "pf"] and not snap.waiting
+
+
+def test_preempted_request_waits_again_and_recomputes():
+    # Both had started, but the engine runs 1 and has 1 waiting: the newest was
+    # preempted (vLLM's order) and must recompute prompt + output before going on.
+    requests = [progress("old", 100, 50, 200, True), progress("newest", 100, 20, 200, True)]
+    snap = endpoint(load(running=1, waiting=1, requests=requests)).snapshot(PRIOR)
+    assert [r.request_id for r in snap.running] == ["old"]
+    (preempted,) = snap.waiting
+    assert preempted.request_id == "newest"
+    assert preempted.prompt_tokens == 120 and preempted.max_tokens == 180
+
+
+def test_draining_or_unreachable_worker_is_not_routable():
+    ep = endpoint(load(draining=True))
+    assert not ep.routable(time.monotonic(), 5.0)
+    ep = endpoint(load())
+    ep.reachable = False
+    assert not ep.routable(time.monotonic(), 5.0)
+
+
+def test_resolve_plain_and_dns():
+    assert resolve("10.0.0.1:50061") == ["10.0.0.1:50061"]
+    assert "127.0.0.1:50061" in resolve("dns:localhost:50061")
+    assert resolve("dns:no-such-host.invalid:1") == []

@@ -1,0 +1,161 @@
+"""The memory-aware TTFT predictor and the latency fits behind it (pure, fast)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from layerkv.admission.ttft import KvState, RequestLoad, WorkerSnapshot, predict_ttft
+from layerkv.common.latency_model import (
+    LatencyCoefficients,
+    OnlineLatencyModel,
+    least_squares_nonneg,
+)
+
+LAT = LatencyCoefficients(
+    prefill_a_s=0.01, prefill_b_s=1e-4, prefill_c_s=0.0, decode_step_s=0.02
+)  # fmt: skip
+
+
+def snap(free=100, total=100, running=(), waiting=(), **kv) -> WorkerSnapshot:
+    return WorkerSnapshot(
+        address="w",
+        kv=KvState(block_size=32, blocks_total=total, blocks_free=free, **kv),
+        latency=LAT,
+        running=tuple(running),
+        waiting=tuple(waiting),
+    )
+
+
+def test_idle_worker_ttft_is_the_prefill_time():
+    p = predict_ttft(snap(), 320)
+    assert p.ttft_s == pytest.approx(0.01 + 320 * 1e-4)
+    assert p.queue_s == 0 and p.kv_wait_s == 0 and p.wait_s == 0
+    assert p.resident_groups == 1 and p.fits
+
+
+def test_waits_for_running_requests_to_free_blocks():
+    # 10 free blocks; the prompt needs 20 (640 tokens). The running request holds 90
+    # blocks and finishes after 50 more tokens at 20 ms per step: 1 s of waiting.
+    running = [RequestLoad(prompt_tokens=2850, max_tokens=100, output_tokens=50, started=True)]
+    p = predict_ttft(snap(free=10, running=running), 640)
+    assert p.kv_wait_s == pytest.approx(50 * 0.02)
+    assert p.ttft_s == pytest.approx(1.0 + 0.01 + 640 * 1e-4)
+
+
+def test_fits_now_despite_running_requests():
+    running = [RequestLoad(2000, 500, 10, True)]
+    p = predict_ttft(snap(free=30, running=running), 640)
+    assert p.kv_wait_s == 0
+
+
+def test_queue_ahead_adds_their_prefill():
+    waiting = [RequestLoad(600, 10), RequestLoad(600, 10)]
+    alone = predict_ttft(snap(), 100)
+    behind = predict_ttft(snap(waiting=waiting), 100)
+    assert behind.ttft_s > alone.ttft_s
+    # Batched into one step with them: one fixed step cost, not three; it starts with
+    # that step, so it does not wait, its prefill step is longer.
+    assert behind.ttft_s == pytest.approx(0.01 + 1300 * 1e-4)
+    assert behind.wait_s == 0 and behind.prefill_s == pytest.approx(behind.ttft_s)
+    # Past the step's token budget (2048) a new step starts: now it waits for one.
+    long_ahead = [RequestLoad(1000, 10), RequestLoad(1000, 10)]
+    p = predict_ttft(snap(waiting=long_ahead), 100)
+    assert p.ttft_s == pytest.approx(0.23)
+    assert p.queue_s == pytest.approx(0.21) and p.prefill_s == pytest.approx(0.02)
+
+
+def test_layerkv_starts_with_fewer_resident_groups_instead_of_waiting():
+    running = [RequestLoad(prompt_tokens=2000, max_tokens=1000, output_tokens=0, started=True)]
+    # 8 groups: a 320-token prompt (10 blocks per group) needs 80 blocks all resident.
+    kv = dict(groups=8, min_resident_groups=1, host_blocks_free=1000)
+    stock = predict_ttft(snap(free=40, total=600, running=running, groups=8), 320)
+    lkv = predict_ttft(snap(free=40, total=600, running=running, layerkv=True, **kv), 320)
+    assert stock.kv_wait_s > 10  # waits ~1000 decode steps
+    assert lkv.kv_wait_s == 0 and lkv.resident_groups == 3  # (3 + 1) lists x 10 = 40
+    assert lkv.ttft_s < stock.ttft_s
+
+
+def test_layerkv_needs_host_memory_for_the_offloaded_groups():
+    running = [RequestLoad(2000, 100, 0, True)]
+    kv = dict(groups=8, layerkv=True, min_resident_groups=1, host_blocks_free=5)
+    p = predict_ttft(snap(free=40, total=600, running=running, **kv), 320)
+    assert p.kv_wait_s > 0  # no host room: must wait as stock vLLM would
+
+
+def test_prompt_that_never_fits_is_flagged():
+    p = predict_ttft(snap(free=5, total=5), 2000)
+    assert not p.fits
+
+
+def test_max_num_seqs_makes_it_wait():
+    running = [RequestLoad(10, 5, 0, True)] * 2
+    s = WorkerSnapshot("w", KvState(32, 100, 90), LAT, running=tuple(running), max_num_seqs=2)
+    p = predict_ttft(s, 10)
+    assert p.kv_wait_s == pytest.approx(5 * 0.02)
+
+
+requests = st.builds(
+    RequestLoad,
+    prompt_tokens=st.integers(1, 1500),
+    max_tokens=st.integers(1, 300),
+    output_tokens=st.integers(0, 300),
+    started=st.booleans(),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    reqs=st.lists(requests, max_size=12),
+    free=st.integers(0, 200),
+    prompt=st.integers(1, 1500),
+    extra=st.integers(1, 1500),
+)
+def test_properties(reqs, free, prompt, extra):
+    running = [r for r in reqs if r.started]
+    waiting = [r for r in reqs if not r.started]
+    s = snap(free=free, total=200, running=running, waiting=waiting)
+    p = predict_ttft(s, prompt)
+    # Components add up and are non-negative.
+    assert p.queue_s >= 0 and p.kv_wait_s >= 0 and p.prefill_s >= 0
+    assert p.ttft_s == pytest.approx(p.queue_s + p.kv_wait_s + p.prefill_s)
+    # More free memory never predicts a later first token, give or take one step's
+    # fixed cost (requests that start earlier can split a batched prefill step
+    # differently); an empty queue never does.
+    more = snap(free=min(free + extra, 200), total=200, running=running, waiting=waiting)
+    assert predict_ttft(more, prompt).ttft_s <= p.ttft_s + LAT.prefill_a_s + 1e-9
+    assert predict_ttft(snap(free=free, total=200, running=running), prompt).ttft_s <= (
+        p.ttft_s + 1e-9
+    )
+
+
+def test_latency_model_recovers_a_quadratic():
+    m = OnlineLatencyModel()
+    for p in range(100, 2100, 100):
+        m.observe_prefill(p, 0.005 + 2e-5 * p + 1e-8 * p * p)
+    for n in range(1, 9):
+        m.observe_decode(n, 0.01 + 0.002 * n)
+    c = m.coefficients()
+    assert c.prefill_s(1500) == pytest.approx(0.005 + 2e-5 * 1500 + 1e-8 * 1500**2, rel=1e-3)
+    assert c.decode_step(4) == pytest.approx(0.018, rel=1e-3)
+    assert c.samples == 28
+
+
+def test_latency_model_uses_prior_until_enough_samples_and_never_goes_negative():
+    prior = LatencyCoefficients(0.02, 1e-4, 0, 0.03, 0)
+    m = OnlineLatencyModel(prior, min_samples=4)
+    m.observe_prefill(100, 0.5)
+    assert m.coefficients() == prior
+    # Decreasing times with length would fit a negative slope: clamped to >= 0.
+    for p, t in [(100, 0.05), (200, 0.04), (300, 0.03), (400, 0.02)]:
+        m.observe_prefill(p, t)
+    c = m.coefficients()
+    assert c.prefill_b_s >= 0 and c.prefill_c_s >= 0 and c.prefill_s(10_000) >= 0
+
+
+def test_nonneg_least_squares_drops_negative_coefficients():
+    rows = [[1.0, float(x)] for x in range(10)]
+    ys = [5.0 - 0.1 * x for x in range(10)]
+    w = least_squares_nonneg(rows, ys)
+    assert w[1] == 0.0 and w[0] == pytest.approx(sum(ys) / len(ys))
