@@ -21,6 +21,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     env_flag(p, "--dtype", "LAYERKV_DTYPE", "auto", "model dtype")
     env_flag(p, "--max-num-seqs", "LAYERKV_MAX_NUM_SEQS", 64, "max concurrent requests", type=int)
+    env_flag(
+        p, "--layerkv", "LAYERKV_LAYERKV", False, "turn the LayerKV plug-in on", action="store_true"
+    )
+    env_flag(p, "--layerkv-groups", "LAYERKV_GROUPS", 0, "KV groups (0: one per layer)", type=int)
+    env_flag(
+        p,
+        "--layerkv-min-resident",
+        "LAYERKV_MIN_RESIDENT_GROUPS",
+        1,
+        "groups a request always keeps on the device",
+        type=int,
+    )
+    env_flag(
+        p,
+        "--layerkv-host-gib",
+        "LAYERKV_HOST_KV_GIB",
+        1.0,
+        "host memory for offloaded KV, GiB",
+        type=float,
+    )
     env_flag(p, "--host", "LAYERKV_HOST", "[::]", "address to listen on")
     env_flag(p, "--port", "LAYERKV_WORKER_PORT", 50061, "gRPC port", type=int)
     env_flag(
@@ -41,11 +61,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     # Imported here so `--help` and flag errors answer without loading vLLM.
+    from layerkv.plugin import LayerKVConfigError, LayerKVSettings
     from layerkv.worker.engine import EngineSettings
     from layerkv.worker.server import ServerSettings, serve
 
     try:
+        layerkv = None
+        if args.layerkv:
+            layerkv = LayerKVSettings(
+                num_groups=args.layerkv_groups or None,
+                min_resident_groups=args.layerkv_min_resident,
+                host_memory_bytes=int(args.layerkv_host_gib * (1 << 30)),
+            )
         engine_settings = EngineSettings(
+            layerkv=layerkv,
             model=args.model,
             max_model_len=args.max_model_len,
             block_size=args.block_size,
@@ -54,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             max_num_seqs=args.max_num_seqs,
         )
-    except ValueError as e:
+    except (ValueError, LayerKVConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     server_settings = ServerSettings(

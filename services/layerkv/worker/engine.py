@@ -18,6 +18,7 @@ from vllm.v1.metrics.stats import SchedulerStats
 
 from layerkv.common.latency_model import OnlineLatencyModel
 from layerkv.common.requests import Sampling
+from layerkv.plugin import LayerKVSettings, LayerKVStats, engine_overrides, layerkv_stats
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class EngineSettings:
     max_num_seqs: int = 64
     enforce_eager: bool = True
     seed: int = 0
+    # None: stock vLLM. Otherwise the LayerKV plug-in with these settings; everything
+    # else about the engine is the same, so the two are directly comparable.
+    layerkv: LayerKVSettings | None = None
 
     def __post_init__(self) -> None:
         if self.max_model_len < 2:
@@ -60,6 +64,8 @@ def build_engine_args(settings: EngineSettings, **overrides: Any) -> AsyncEngine
         kwargs["kv_cache_memory_bytes"] = int(settings.kv_cache_gib * (1 << 30))
     if settings.num_kv_blocks:
         kwargs["num_gpu_blocks_override"] = settings.num_kv_blocks
+    if settings.layerkv is not None:
+        kwargs.update(engine_overrides(settings.layerkv))
     kwargs.update(overrides)
     return AsyncEngineArgs(**kwargs)
 
@@ -105,6 +111,8 @@ class EngineStatsRecorder:
         # timings (vLLM's FinishedRequestStats), for the admission's TTFT predictor.
         self.latency = OnlineLatencyModel()
         self._running_avg = 0.0  # EWMA of running requests: the batch a decode saw
+        # The LayerKV plug-in's counters (None on a stock engine).
+        self.layerkv: LayerKVStats | None = None
 
     def _observe(self, iteration_stats) -> None:
         for fin in getattr(iteration_stats, "finished_requests", ()):
@@ -138,6 +146,9 @@ class EngineStatsRecorder:
                         reported_at=time.monotonic(),
                         raw=scheduler_stats,
                     )
+                    lkv = layerkv_stats(scheduler_stats)
+                    if lkv is not None:
+                        recorder.layerkv = lkv
 
             def log_engine_initialized(self) -> None:
                 # num_gpu_blocks is known only once the engine has sized its KV cache.

@@ -22,6 +22,7 @@ from layerkv.common.requests import (
     request_id_or_new,
     sampling_from_proto,
 )
+from layerkv.plugin import LayerKVStats
 from layerkv.v1 import common_pb2, worker_pb2
 from layerkv.worker import metrics
 from layerkv.worker.engine import (
@@ -167,11 +168,18 @@ class WorkerService:
         used = round(snap.kv_cache_usage * total)
         age = time.monotonic() - snap.reported_at if snap.reported_at else -1.0
         lat = self.stats.latency.coefficients()
+        prefill = [lat.prefill_a_s, lat.prefill_b_s, lat.prefill_c_s]
+        lkv = self.stats.layerkv
+        if lkv is not None and lkv.step_samples:
+            # The plug-in fits prefill time per engine step, closer to the truth than
+            # per-request timings that include queueing behind other steps.
+            prefill = [lkv.prefill_a_s, lkv.prefill_b_s, lkv.prefill_c_s]
         return worker_pb2.WorkerLoad(
-            prefill_s_coeffs=[lat.prefill_a_s, lat.prefill_b_s, lat.prefill_c_s],
+            prefill_s_coeffs=prefill,
             decode_step_s=lat.decode_step_s,
             decode_step_s_per_seq=lat.decode_step_s_per_seq,
             latency_samples=lat.samples,
+            **self._layerkv_fields(),
             requests=list(self.progress.values()),
             max_num_seqs=self.settings.max_num_seqs,
             running=snap.running,
@@ -189,6 +197,18 @@ class WorkerService:
                 dtype=str(engine.vllm_config.model_config.dtype).removeprefix("torch."),
                 vllm_version=vllm.__version__,
             ),
+        )
+
+    def _layerkv_fields(self) -> dict:
+        settings = self.settings.layerkv
+        if settings is None:
+            return {}
+        lkv = self.stats.layerkv or LayerKVStats()
+        return dict(
+            layerkv=True,
+            kv_groups=settings.num_groups or self.num_layers,
+            min_resident_groups=settings.min_resident_groups,
+            host_kv_blocks_free=max(lkv.host_blocks_total - lkv.host_blocks_used, 0),
         )
 
 
@@ -226,6 +246,8 @@ async def serve(engine_settings: EngineSettings, server_settings: ServerSettings
     log.info("loading engine for %s", engine_settings.model)
     engine, stats = await asyncio.to_thread(start_engine, engine_settings)
     service.attach(engine, stats)
+    if engine_settings.layerkv is not None:
+        metrics.register_layerkv_collector(stats)
     await running.set_serving(True)
     log.info("worker serving on %s:%d", server_settings.host, running.port)
     try:
