@@ -63,6 +63,7 @@ async def worker(model_dir):
 async def start_admission(workers: list[str], redis_url: str) -> AdmissionHandle:
     service = build_service(AdmissionSettings(workers=tuple(workers), redis_url=redis_url))
     service.recorder.start()
+    service.start()  # worker polling, as serve() does
     running = await start_admission_server(service, "127.0.0.1", 0)
     await running.set_serving(True)
     return AdmissionHandle(service, running)

@@ -307,3 +307,17 @@ async def test_cli_reports_server_errors_with_exit_code_1(admission):
     code, _, err = await _cli("--target", admission.address, "x", "--max-tokens", "0")
     assert code == 1
     assert "INVALID_ARGUMENT" in err and "max_tokens" in err
+
+
+async def test_worker_load_is_published_to_redis_for_the_operator(admission, worker, redis_server):
+    from layerkv.admission.load_reports import LoadPublisher
+
+    store = MetricsStore.from_url(redis_server.extra["url"], prefix=f"t{uuid.uuid4().hex[:6]}")
+    pool = admission.service.pool
+    await wait_until(lambda: pool.routable(), what="the admission to poll the worker")
+    publisher = LoadPublisher(pool, store, "chat-worker", interval_s=1)
+    assert await publisher.publish_once() == 1
+    (report,) = store.worker_loads("chat-worker")
+    assert report.worker == worker.address
+    assert report.kv_blocks_total == worker.service.stats.num_kv_blocks > 0
+    assert 0 < store.client.ttl(f"{store.prefix}:load:chat-worker:{worker.address}") <= 5

@@ -13,6 +13,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="layerkv-admission", description=__doc__)
     env_flag(p, "--workers", "LAYERKV_WORKERS", "localhost:50061", "comma-separated host:port")
     env_flag(p, "--redis-url", "LAYERKV_REDIS_URL", "", "Redis URL ('' = do not record)")
+    env_flag(
+        p,
+        "--worker-pool",
+        "LAYERKV_WORKER_POOL",
+        "",
+        "name for worker load reports in Redis ('' = do not publish)",
+    )
     env_flag(p, "--host", "LAYERKV_HOST", "[::]", "address to listen on")
     env_flag(p, "--port", "LAYERKV_ADMISSION_PORT", 50051, "gRPC port", type=int)
     env_flag(
@@ -114,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = AdmissionSettings(
         workers=workers,
         redis_url=args.redis_url,
+        worker_pool=args.worker_pool,
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,

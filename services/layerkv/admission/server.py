@@ -11,7 +11,6 @@ predicted TTFT) in Redis. Policy lives in the pure modules; this module does the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from layerkv.admission import metrics
+from layerkv.admission.load_reports import LoadPublisher
 from layerkv.admission.outcomes import OutcomeRecorder
 from layerkv.admission.queue import QueuedRequest, QueueFull, create_queue
 from layerkv.admission.routing import (
@@ -606,6 +606,9 @@ class AdmissionService:
 class AdmissionSettings:
     workers: tuple[str, ...]
     redis_url: str = ""  # empty: outcomes are not recorded
+    # Name under which worker load reports are written to Redis for the operator (the
+    # worker Deployment's name); empty: not published.
+    worker_pool: str = ""
     host: str = "[::]"
     port: int = 50051
     metrics_port: int = 9090
@@ -665,7 +668,10 @@ async def serve(settings: AdmissionSettings) -> None:
     serving.start_metrics_server(settings.metrics_port)
     service.recorder.start()
     service.start()
-    refresher = asyncio.create_task(service.catalog.refresh_forever(settings.slo_refresh_s))
+    background = [asyncio.create_task(service.catalog.refresh_forever(settings.slo_refresh_s))]
+    if settings.worker_pool and service.recorder.store is not None:
+        publisher = LoadPublisher(service.pool, service.recorder.store, settings.worker_pool)
+        background.append(asyncio.create_task(publisher.run_forever()))
     await running.set_serving(True)
     log.info(
         "admission serving on %s:%d, workers %s", settings.host, running.port, settings.workers
@@ -677,9 +683,9 @@ async def serve(settings: AdmissionSettings) -> None:
         service.draining = True
         await running.set_serving(False)
         await running.server.stop(settings.drain_timeout_s)
-        refresher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await refresher
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await service.recorder.close()
         await service.pool.close()
         log.info("admission stopped")
