@@ -341,7 +341,7 @@ async def test_worker_killed_mid_run_is_routed_around(admission, stub, workers, 
     occupier = Occupier(survivor.address)
     try:
         await wait_until(
-            lambda: kv_full(service, survivor.address), timeout_s=60, what="survivor KV full"
+            lambda: kv_full(service, survivor.address), timeout_s=120, what="survivor KV full"
         )
         rids = [f"kill-{uuid.uuid4().hex[:6]}-{i}" for i in range(2)]
         calls = [stub.Generate(gen_request(600, 1200, request_id=r)) for r in rids]
