@@ -301,6 +301,7 @@ async def test_cli_prints_text_and_latencies(admission, admission_stub):
     _, chunks, _ = await collect(admission_stub, request("Once upon a time", max_tokens=32))
     assert out.rstrip("\n") == "".join(c.text for c in chunks)
     assert "ttft=" in err and "tokens=4+32" in err and "FINISH_REASON_LENGTH" in err
+    assert "[admitted] worker=" + admission.service.pool.workers[0].address in err
 
 
 async def test_cli_reports_server_errors_with_exit_code_1(admission):

@@ -60,7 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         stub = admission_pb2_grpc.AdmissionStub(channel)
         try:
             for response in stub.Generate(request, timeout=args.timeout):
-                if response.HasField("tokens"):
+                if response.HasField("decision"):
+                    d = response.decision
+                    kind = admission_pb2.DecisionKind.Name(d.kind).removeprefix("DECISION_KIND_")
+                    print(
+                        f"[{kind.lower()}] worker={d.worker or '-'} "
+                        f"predicted_ttft={d.predicted_ttft_s * 1000:.1f} ms {d.reason}".rstrip(),
+                        file=sys.stderr,
+                    )
+                elif response.HasField("tokens"):
                     sys.stdout.write(response.tokens.text)
                     sys.stdout.flush()
                 elif response.HasField("completion"):
@@ -75,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                         file=sys.stderr,
                     )
         except grpc.RpcError as e:
-            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            retry = dict(e.trailing_metadata() or ()).get("retry-after-ms")
+            hint = f" (retry after {retry} ms)" if retry else ""
+            print(f"\nerror: {e.code().name}: {e.details()}{hint}", file=sys.stderr)
             return EXIT_RPC_ERROR
     return 0
 
