@@ -29,10 +29,11 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-def timed(stream) -> tuple[float, float]:
+def timed(start_call) -> tuple[float, float]:
+    """(time to first token, total) of one call, timed from before it is started."""
     start = time.perf_counter()
     first = None
-    for resp in stream:
+    for resp in start_call():
         if first is None and resp.HasField("tokens"):
             first = time.perf_counter()
     end = time.perf_counter()
@@ -85,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
             }
             for call in paths.values():  # warm-up: connections, first-request paths
                 for _ in range(10):
-                    timed(call())
+                    timed(call)
             samples = {name: {"ttft": [], "total": []} for name in paths}
             for i in range(args.requests * 2):
                 name = ("direct", "admission")[(i + i // 2) % 2]  # alternate, both orders
-                ttft, total = timed(paths[name]())
+                ttft, total = timed(paths[name])
                 samples[name]["ttft"].append(ttft)
                 samples[name]["total"].append(total)
     finally:
