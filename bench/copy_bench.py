@@ -88,6 +88,32 @@ def main(argv: list[str] | None = None) -> int:
             copies()
             compute()
 
+    # The plug-in's own fetch path (layerkv.plugin.kv_copy): one layer's blocks from a
+    # contiguous host range into staging blocks that are consecutive (one slice copy)
+    # or scattered (one index_copy_), against a Python loop over blocks.
+    from layerkv.plugin.kv_copy import BlockIndex, load_blocks
+
+    pool = torch.zeros((4 * blocks, *shape[1:]), dtype=dtype, device=dev)
+    gen = torch.Generator().manual_seed(0)
+    scattered = torch.randperm(4 * blocks, generator=gen)[:blocks].tolist()
+    consecutive = list(range(blocks, 2 * blocks))
+    fetch_paths = {}
+    for name, ids in (("slice", consecutive), ("index_copy", scattered)):
+        index = BlockIndex(ids, dev)
+
+        def fetch(index=index):
+            for layer in range(args.layers):
+                load_blocks(host_kv[layer], pool, index, non_blocking=cuda)
+
+        fetch_paths[name] = timed(fetch)
+
+    def per_block_loop():
+        for layer in range(args.layers):
+            for i, b in enumerate(scattered):
+                pool[b].copy_(host_kv[layer][i], non_blocking=cuda)
+
+    fetch_paths["per_block_loop"] = timed(per_block_loop)
+
     copy_s = timed(copies)
     compute_s = timed(compute)
     both_s = timed(overlapped)
@@ -102,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         "overlapped_s": both_s,
         "copy_gb_s": moved / copy_s / 1e9,
         "copy_hidden_fraction": hidden,
+        # Fetch of every layer (bytes_per_step minus the saves) by the plug-in's path.
+        "fetch_s": fetch_paths,
+        "fetch_gb_s": {k: args.layers * layer_bytes / v / 1e9 for k, v in fetch_paths.items()},
         "smoke_test_only": not cuda,
         "args": vars(args),
     }

@@ -2,7 +2,10 @@
 
 The same long-context workload -- Poisson arrivals, long-tailed prompt lengths up to
 max_model_len, 64-512 output tokens -- runs against each configuration, swept over the
-request rate and over the mean prompt length (the LayerKV paper's two axes). Writes
+request rate and over the mean prompt length (the LayerKV paper's two axes), plus the
+issue's fixed scenario (``--issue-point``). At 2 rps the default rate sweep is heavy:
+capped stock queues (its mean TTFT is many times the uncapped reference), and
+``targets_heaviest_point`` in the JSON checks the issue's targets there. Writes
 ``bench/results/layerkv.json`` (a list of points plus ``outputs_identical``: LayerKV's
 greedy tokens vs capped stock's) and an SVG plot of TTFT against each axis.
 
@@ -18,6 +21,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -68,6 +72,51 @@ def make_workload(
         jobs.append(Job(t, tuple(rng.randrange(1, vocab) for _ in range(length)), out))
         t += rng.expovariate(rate)
     return jobs
+
+
+def issue_workload(n: int, prompt: int, out: int, interval: float, vocab: int, seed: int):
+    """The issue's scenario: ``n`` prompts of ``prompt`` tokens, ``interval`` s apart,
+    ``out`` output tokens each."""
+    rng = random.Random(seed)
+    return [
+        Job(i * interval, tuple(rng.randrange(1, vocab) for _ in range(prompt)), out)
+        for i in range(n)
+    ]
+
+
+def evaluate_targets(rows: list[dict]) -> dict | None:
+    """The issue's targets at the heaviest point where capped stock's mean TTFT is at
+    least 5x the uncapped reference (None when no point is that heavy)."""
+    by = {(r["config"], r["rate_rps"], r["prompt_tokens_mean"]): r for r in rows}
+    best = None
+    for (config, rate, mean), sc in by.items():
+        if config != "stock_capped":
+            continue
+        su = by.get(("stock_uncapped", rate, mean))
+        lk = by.get(("layerkv_capped", rate, mean))
+        if su is None or lk is None:
+            continue
+        ratio = sc["ttft_mean_s"] / su["ttft_mean_s"]
+        if ratio >= 5 and (best is None or ratio > best[0]):
+            best = (ratio, sc, lk, su)
+    if best is None:
+        return None
+    ratio, sc, lk, su = best
+    checks = {
+        "ttft_mean_vs_uncapped": (lk["ttft_mean_s"] / su["ttft_mean_s"], 1.3),
+        "ttft_mean_vs_stock_capped": (lk["ttft_mean_s"] / sc["ttft_mean_s"], 0.2),
+        "ttft_p99_vs_stock_capped": (lk["ttft_p99_s"] / sc["ttft_p99_s"], 1 / 3),
+        "tpot_p50_vs_stock_capped": (lk["tpot_p50_s"] / sc["tpot_p50_s"], 1.15),
+    }
+    result = {
+        "point": {"rate_rps": sc["rate_rps"], "prompt_tokens_mean": sc["prompt_tokens_mean"]},
+        "stock_capped_over_uncapped_ttft": ratio,
+    }
+    for name, (value, limit) in checks.items():
+        result[name] = {"value": value, "limit": limit, "met": value <= limit}
+    tput = lk["output_tok_s"] / sc["output_tok_s"]
+    result["throughput_vs_stock_capped"] = {"value": tput, "limit": 0.95, "met": tput >= 0.95}
+    return result
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -128,6 +177,10 @@ def summarize(config, rate, jobs, outcomes, ttft_slo, tpot_slo) -> dict:
         "output_tok_s": sum(len(o.tokens) for o in outcomes) / span,
         "slo_violation_rate": violations / len(outcomes),
         "requests": len(outcomes),
+        # The machine may be shared: a 1-minute load average well above the core
+        # count means the point's timings are inflated by other processes.
+        "loadavg_1m_at_end": os.getloadavg()[0],
+        "cpu_count": os.cpu_count(),
     }
 
 
@@ -155,8 +208,11 @@ def engine_args(config: str, args):
         kwargs.update(
             lkv.engine_overrides(
                 lkv.LayerKVSettings(
-                    num_groups=args.num_groups,
-                    default_tpot_s=args.tpot_slo,
+                    **{
+                        "num_groups": args.num_groups,
+                        "default_tpot_s": args.tpot_slo,
+                        **json.loads(args.layerkv_settings),
+                    }
                 )
             )
         )
@@ -179,14 +235,14 @@ async def run_config(config: str, args, points) -> tuple[list[dict], dict]:
     engine = AsyncLLM.from_engine_args(engine_args(config, args))
     results, tokens = [], {}
     try:
-        for rate, mean, jobs, sweeps in points:
-            tag = f"{config}-{rate}-{mean}"
+        for i, (rate, mean, jobs, sweeps) in enumerate(points):
+            tag = f"{config}-{i}-{rate}-{mean}"
             outcomes = await run_point(engine, jobs, args.ttft_slo, args.tpot_slo, tag)
             row = summarize(config, rate, jobs, outcomes, args.ttft_slo, args.tpot_slo)
             row["sweep"] = sweeps
             print(json.dumps(row), flush=True)
             results.append(row)
-            tokens[(rate, mean)] = [o.tokens for o in outcomes]
+            tokens[i] = [o.tokens for o in outcomes]
     finally:
         engine.shutdown()
     return results, tokens
@@ -238,8 +294,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cap-blocks", type=int, default=70, help="KV cap, in stock blocks")
     p.add_argument("--uncapped-blocks", type=int, default=2048)
     p.add_argument("--num-groups", type=int, default=None)
-    p.add_argument("--requests", type=int, default=8, help="requests per sweep point")
+    p.add_argument(
+        "--layerkv-settings",
+        default="{}",
+        help="extra LayerKVSettings as JSON, e.g. '{\"min_resident_groups\": 2}'",
+    )
+    p.add_argument("--requests", type=int, default=12, help="requests per sweep point")
     p.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    p.add_argument(
+        "--issue-point",
+        type=int,
+        nargs=3,
+        default=[8, 1500, 256],
+        metavar=("N", "PROMPT", "OUT"),
+        help="also run the issue's scenario: N prompts of PROMPT tokens at --base-rate "
+        "(evenly spaced), OUT output tokens each (N=0: skip)",
+    )
     p.add_argument("--prompt-means", type=int, nargs="+", default=[500, 1000, 1500])
     p.add_argument("--base-rate", type=float, default=1.0, help="rate of the prompt sweep")
     p.add_argument("--base-prompt-mean", type=int, default=1500, help="mean of the rate sweep")
@@ -277,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         for i, ((rate, mean), names) in enumerate(sweeps.items())
     ]
+    n_issue, issue_prompt, issue_out = args.issue_point
+    if n_issue:
+        jobs = issue_workload(
+            n_issue, issue_prompt, issue_out, 1 / args.base_rate, vocab, args.seed + 100
+        )
+        points.append((args.base_rate, issue_prompt, jobs, ["issue"]))
     rows: list[dict] = []
     tokens: dict[str, dict] = {}
     started = time.time()
@@ -289,8 +365,12 @@ def main(argv: list[str] | None = None) -> int:
         identical = tokens["stock_capped"] == tokens["layerkv_capped"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    targets = evaluate_targets([r for r in rows if "issue" not in r["sweep"]])
+    issue_targets = evaluate_targets([r for r in rows if "issue" in r["sweep"]])
     report = {
         "points": rows,
+        "targets_heaviest_point": targets,
+        "targets_issue_point": issue_targets,
         "outputs_identical": identical,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
@@ -300,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     for axis, name in (("rate_rps", "rate"), ("prompt_tokens_mean", "prompt")):
         sel = [r for r in rows if name in r["sweep"]]
         svg_plot(sel, axis, "", None, out.with_name(f"layerkv_ttft_vs_{name}.svg"))
+    for name, t in (("heaviest sweep point", targets), ("issue point", issue_targets)):
+        print(f"{name}: {json.dumps(t)}")
     print(f"wrote {out} (outputs_identical={identical})")
     return 0
 

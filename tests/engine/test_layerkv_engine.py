@@ -177,6 +177,9 @@ def test_paths_taken(runs):
     assert last.bytes_offloaded > 0 and last.bytes_fetched > 0
     assert last.bytes_restored > 0 and last.bytes_promotion_saved > 0
     assert last.step_samples > 0 and last.decode_step_s > 0
+    # The prefill fit uses prefill steps only, and predicts longer for longer prompts.
+    assert 0 < last.prefill_samples < last.step_samples
+    assert last.prefill_b_s >= 0 and last.prefill_c_s >= 0
 
 
 def test_more_requests_run_concurrently_than_stock(runs):

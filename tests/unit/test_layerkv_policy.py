@@ -106,6 +106,26 @@ def test_step_time_model_recovers_quadratic():
         assert got.predict(p) == pytest.approx(true.predict(p), rel=0.05)
 
 
+def test_step_time_model_fits_prefill_steps_only():
+    """Decode steps of long contexts (many attention pairs per token) and mixed steps
+    with a few prompt tokens stay out of the fit; they would wreck it."""
+    model = OnlineStepTimeModel(PrefillCoefficients(0, 0, 0), prior_decode_step_s=0.01)
+    true = PrefillCoefficients(0.005, 6e-5, 2e-8)
+    rng = random.Random(1)
+    for i in range(300):
+        # Eight 1.5K-token decodes per step: 12K pairs, 30 ms (slower than the fit).
+        model.observe(8, 12_000, 0.03, decode_only=True)
+        if i % 40 == 0:
+            p = rng.randint(200, 2000)
+            model.observe(p + 4, p * p + 6000, true.predict(p) + 0.01, False, prefill_tokens=p)
+        if i % 7 == 0:
+            model.observe(12, 13_000, 0.035, False, prefill_tokens=4)
+    assert model.prefill_samples == 8
+    assert model.decode_step_s == pytest.approx(0.03, rel=0.01)
+    for p in (500, 1500):
+        assert model.predict_prefill_s(p) == pytest.approx(true.predict(p) + 0.01, rel=0.1)
+
+
 def test_step_time_model_decode_ewma_and_no_negative_terms():
     model = OnlineStepTimeModel(PrefillCoefficients(0, 0, 0), prior_decode_step_s=1.0)
     for _ in range(100):
@@ -206,5 +226,9 @@ def test_residency_leaving_room():
     # 90 free: reserve 20 for the next -> 70 -> 6 resident lists + staging.
     assert residency_leaving_room(90, 8, 10, 10, 1) == 6
     assert residency_leaving_room(50, 8, 10, 10, 1) == 2
-    # Not even min residency for both: no cap (admit as if alone).
-    assert residency_leaving_room(30, 8, 10, 10, 1) is None
+    # Not even min residency for both: keep the head at min residency.
+    assert residency_leaving_room(30, 8, 10, 10, 1) == 1
+    # Room for two more arrivals at min residency (2 lists of 10 each).
+    assert residency_leaving_room(90, 8, 10, 10, 1, next_requests=2) == 4
+    assert residency_leaving_room(200, 8, 10, 10, 1, next_requests=2) is None
+    assert residency_leaving_room(90, 8, 10, 10, 1, next_requests=0) is None

@@ -22,6 +22,7 @@ resident layers in between (placement interleaves them). On CPU copies are plain
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -30,7 +31,14 @@ from typing import Any
 import torch
 
 from layerkv.plugin import vllm_adapter as va
-from layerkv.plugin.kv_copy import block_view, device_to_host, host_to_device
+from layerkv.plugin.kv_copy import (
+    BlockIndex,
+    block_view,
+    device_to_host,
+    host_to_device,
+    load_blocks,
+    save_blocks,
+)
 from layerkv.plugin.kv_groups import LayerKVAttentionSpec, group_layer_indices, settings_of
 from layerkv.plugin.plans import BlockCopy, PlanBook
 from layerkv.plugin.stats import LayerKVConnectorStats, make_stats
@@ -48,6 +56,17 @@ class OffloadedStep:
     host_start: int
     num_computed: int  # tokens whose KV exists before this step
     num_new: int  # tokens computed this step
+
+
+@dataclass
+class _StepCopies:
+    """The copies of one offloaded request in one step, indexed once for all layers."""
+
+    step: OffloadedStep
+    fetch: BlockIndex  # staging blocks holding the tokens computed before this step
+    save: BlockIndex  # staging blocks this step writes new tokens into
+    save_host: int  # host block of ``save``'s first block
+    next_layer: dict[int, int]  # offloaded layer -> the request's next offloaded layer
 
 
 @dataclass
@@ -217,7 +236,8 @@ class LayerKVConnector(va.KVConnectorBase_V1, va.SupportsHMA):
         self.host: dict[int, torch.Tensor] = {}
         self._layer_of_name: dict[str, int] = {}
         self._meta: LayerKVMetadata | None = None
-        self._by_layer: dict[int, list[OffloadedStep]] = {}
+        self._by_layer: dict[int, list[_StepCopies]] = {}
+        self._copies: list[_StepCopies] = []
         self._stream: torch.cuda.Stream | None = None
         self._fetched: dict[int, Any] = {}  # layer -> CUDA event of its pending fetch
         self.worker_counters: dict[str, float] = dict.fromkeys(
@@ -264,10 +284,29 @@ class LayerKVConnector(va.KVConnectorBase_V1, va.SupportsHMA):
     def bind_connector_metadata(self, connector_metadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         self._meta = connector_metadata
-        by_layer: dict[int, list[OffloadedStep]] = defaultdict(list)
+        by_layer: dict[int, list[_StepCopies]] = defaultdict(list)
+        copies = []
+        bs = self.block_size
+        device = next(iter(self.kv.values())).device if self.kv else "cpu"
         for step in connector_metadata.steps:
+            staging = step.staging_block_ids
+            n_fetch = cdiv(step.num_computed, bs)
+            first = step.num_computed // bs
+            last = cdiv(step.num_computed + step.num_new, bs)
+            # Every offloaded layer's fetch is needed: one staging list serves all of a
+            # request's offloaded layers, so at the start of a step it holds the last
+            # one's KV, never the first's (unless only one layer is offloaded).
+            c = _StepCopies(
+                step=step,
+                fetch=BlockIndex(staging[:n_fetch], device),
+                save=BlockIndex(staging[first:last], device),
+                save_host=step.host_start + first,
+                next_layer=dict(itertools.pairwise(step.layers)),
+            )
+            copies.append(c)
             for layer in step.layers:
-                by_layer[layer].append(step)
+                by_layer[layer].append(c)
+        self._copies = copies
         self._by_layer = by_layer
         self._fetched = {}
 
@@ -296,17 +335,18 @@ class LayerKVConnector(va.KVConnectorBase_V1, va.SupportsHMA):
                 )
         self._sync()
         with self._side():
-            for step in meta.steps:
-                self._fetch(step, step.layers[0])
+            for c in self._copies:
+                self._fetch(c, c.step.layers[0])
         self._wait_fetched(0)
         self.worker_counters["copy_seconds"] += time.perf_counter() - t0
 
-    def _fetch(self, step: OffloadedStep, layer: int) -> None:
+    def _fetch(self, c: _StepCopies, layer: int) -> None:
         """Bring ``layer``'s KV of the tokens computed so far into the staging blocks."""
-        n = cdiv(step.num_computed, self.block_size)
+        n = len(c.fetch)
         if n:
-            self.worker_counters["bytes_fetched"] += self._copy_to_device(
-                layer, step.staging_block_ids[:n], step.host_start
+            src = self.host[layer][c.step.host_start : c.step.host_start + n]
+            self.worker_counters["bytes_fetched"] += load_blocks(
+                src, self.kv[layer], c.fetch, self._stream is not None
             )
         if self._stream is not None:
             event = torch.cuda.Event()
@@ -328,8 +368,8 @@ class LayerKVConnector(va.KVConnectorBase_V1, va.SupportsHMA):
 
     def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs) -> None:
         layer = self._layer_of_name[layer_name]
-        steps = self._by_layer.get(layer)
-        if steps:
+        copies = self._by_layer.get(layer)
+        if copies:
             t0 = time.perf_counter()
             if self._stream is not None:
                 # The side stream may copy the new KV only once attention wrote it.
@@ -337,15 +377,16 @@ class LayerKVConnector(va.KVConnectorBase_V1, va.SupportsHMA):
                 written.record(torch.cuda.current_stream())
                 self._stream.wait_event(written)
             with self._side():
-                for step in steps:
-                    first = step.num_computed // self.block_size
-                    last = cdiv(step.num_computed + step.num_new, self.block_size)
-                    self.worker_counters["bytes_offloaded"] += self._copy_to_host(
-                        layer, step.staging_block_ids[first:last], step.host_start, first
+                for c in copies:
+                    # Only the blocks this step wrote: the rest is on host already.
+                    n = len(c.save)
+                    dst = self.host[layer][c.save_host : c.save_host + n]
+                    self.worker_counters["bytes_offloaded"] += save_blocks(
+                        self.kv[layer], c.save, dst, self._stream is not None
                     )
-                    later = [x for x in step.layers if x > layer]
-                    if later:
-                        self._fetch(step, later[0])
+                    later = c.next_layer.get(layer)
+                    if later is not None:
+                        self._fetch(c, later)
             self.worker_counters["copy_seconds"] += time.perf_counter() - t0
         # The next layer's forward writes its new KV before our next hook runs.
         self._wait_fetched(layer + 1)

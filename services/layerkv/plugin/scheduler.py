@@ -11,6 +11,7 @@ vLLM's.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from layerkv.plugin.plans import BlockCopy
 from layerkv.policy.prefill_model import OnlineStepTimeModel, PrefillCoefficients
 from layerkv.policy.settings import LayerKVConfigError, cdiv
 from layerkv.policy.sizing import (
+    blocks_needed,
     max_resident_groups,
     promotion_target,
     residency_leaving_room,
@@ -60,6 +62,7 @@ class LayerKVScheduler(va.Scheduler):
         self._allocate_slots = self.kv_cache_manager.allocate_slots
         self.kv_cache_manager.allocate_slots = self._allocate_or_offload
         self.lkv.scheduler_gauges = self._gauges
+        self._decision_log = open(s.decision_log, "a") if s.decision_log else None  # noqa: SIM115
 
     # ---- admission ------------------------------------------------------------------
 
@@ -81,11 +84,26 @@ class LayerKVScheduler(va.Scheduler):
             return blocks
         return self._admit_with_offload(request, num_new_tokens, args, kwargs)
 
-    def _free_for_admission(self, kwargs) -> int:
+    def _free_for_admission(self, kwargs, reserve_growth: bool = True) -> int:
+        """Free blocks an admission may use: less vLLM's watermark and, for LayerKV's
+        own decisions, less the blocks running requests will still take as they decode
+        to their ``max_tokens`` (admitting into those would end in a recompute
+        preemption of someone later)."""
         free = va.num_free_blocks(self.kv_cache_manager)
         if kwargs.get("has_scheduled_reqs"):
             free -= va.watermark_blocks(self.kv_cache_manager)
-        return free
+        return free - self._pending_growth() if reserve_growth else free
+
+    def _pending_growth(self) -> int:
+        growth = 0
+        for request in self.running:
+            plan = self.book.get(request.request_id)
+            lists = blocks_needed(
+                self.num_groups, len(plan.resident) if plan else self.num_groups, 1
+            )
+            held = cdiv(request.num_tokens, self.kv_block_size)
+            growth += lists * max(0, self._blocks_per_group(request) - held)
+        return growth
 
     def _blocks_per_group(self, request) -> int:
         """Blocks per group the request will hold at its end. Early admission plans for
@@ -95,16 +113,36 @@ class LayerKVScheduler(va.Scheduler):
         return cdiv(min(total, self.max_model_len), self.kv_block_size)
 
     def _residency_leaving_room(self, request, kwargs) -> int | None:
+        """Residency cap keeping room for the next waiting request, and for
+        ``reserve_requests`` more (sized like this one) that may arrive meanwhile."""
         following = next((r for r in self.waiting if r is not request), None)
-        if following is None:
+        reserve = self.settings.reserve_requests
+        if following is None and reserve == 0:
             return None
         return residency_leaving_room(
             self._free_for_admission(kwargs),
             self.num_groups,
             self._blocks_per_group(request),
-            self._blocks_per_group(following),
+            self._blocks_per_group(following or request),
             self.settings.min_resident_groups,
+            next_requests=max(reserve, 1 if following is not None else 0),
         )
+
+    def _log_decision(self, request, outcome: str, **fields: Any) -> None:
+        if self._decision_log is None:
+            return
+        record = {
+            "t": time.monotonic(),
+            "request": request.request_id,
+            "prompt_tokens": request.num_prompt_tokens,
+            "outcome": outcome,
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "free_blocks": va.num_free_blocks(self.kv_cache_manager),
+            **fields,
+        }
+        self._decision_log.write(json.dumps(record) + "\n")
+        self._decision_log.flush()
 
     def _admit_with_offload(self, request, num_new_tokens, args, kwargs, cap=None):
         rid = request.request_id
@@ -119,13 +157,18 @@ class LayerKVScheduler(va.Scheduler):
         )
         if num_resident is None or not self._staging_fits(per_group):
             counters["deferred_no_memory"] += 1
+            self._log_decision(request, "deferred_no_memory", cap=cap)
             return None
         if cap is not None:
             num_resident = min(num_resident, cap)
         plan = self.book.get(rid)
         restore = plan.restore_tokens if plan is not None else 0
         predicted = self.step_model.predict_prefill_s(max(tokens - restore, 1))
-        if self.settings.slo_aware:
+        # A request stock vLLM would admit now (its prompt fits with every group) is
+        # offloaded only to keep room: that is not an early admission, and the TPOT
+        # gate does not apply (refusing would just admit it with every group).
+        early = cap is None or not self._fits_fully(request, kwargs)
+        if self.settings.slo_aware and early:
             slack = min_slack(
                 (self._progress(r) for r in self.running),
                 time.monotonic(),
@@ -133,6 +176,13 @@ class LayerKVScheduler(va.Scheduler):
             )
             if not admit_early(slack, self._inserted_prefill_s, predicted):
                 counters["deferred_tpot_slack"] += 1
+                self._log_decision(
+                    request,
+                    "deferred_tpot_slack",
+                    predicted_s=predicted,
+                    slack_s=slack,
+                    inserted_s=self._inserted_prefill_s,
+                )
                 return None
         host_blocks = cdiv(
             min(request.num_prompt_tokens + request.max_tokens, self.max_model_len),
@@ -146,9 +196,22 @@ class LayerKVScheduler(va.Scheduler):
             self.book.set_all_resident(rid)
             counters["deferred_no_memory"] += 1
             return None
-        counters["admitted_early"] += 1
+        counters["admitted_early" if early else "admitted_offloaded_for_room"] += 1
+        self._log_decision(
+            request,
+            "admitted_early" if early else "admitted_offloaded_for_room",
+            resident_groups=num_resident,
+            cap=cap,
+            predicted_s=predicted,
+            inserted_s=self._inserted_prefill_s,
+        )
         self._inserted_prefill_s += predicted
         return blocks
+
+    def _fits_fully(self, request, kwargs) -> bool:
+        prompt_blocks = cdiv(min(request.num_tokens, self.max_model_len), self.kv_block_size)
+        need = blocks_needed(self.num_groups, self.num_groups, prompt_blocks)
+        return need <= self._free_for_admission(kwargs, reserve_growth=False)
 
     def _staging_fits(self, per_group: int) -> bool:
         cap = self.settings.max_staging_blocks
@@ -197,12 +260,20 @@ class LayerKVScheduler(va.Scheduler):
             ):
                 continue
             per_group = self._blocks_per_group(request)
+            # Room for everyone's decode growth (to max_tokens), and for
+            # reserve_requests arrivals.
+            reserve = s.reserve_requests * blocks_needed(
+                self.num_groups, s.min_resident_groups, per_group
+            )
             target = promotion_target(
                 va.num_free_blocks(self.kv_cache_manager),
                 self.num_groups,
                 len(plan.resident),
                 per_group,
-                s.promotion_headroom_blocks + len(self.running) * self.num_groups,
+                s.promotion_headroom_blocks
+                + len(self.running) * self.num_groups
+                + reserve
+                + self._pending_growth(),
             )
             if target is None:
                 continue
@@ -219,6 +290,7 @@ class LayerKVScheduler(va.Scheduler):
             va.preempt_running(self, request, time.monotonic())
             plan.resident, plan.offloaded = self.book.make_plan(target)
             promoted += 1
+            self._log_decision(request, "promoted", resident_groups=target)
 
     def _preempt_request(self, request, timestamp, drop_stale_output: bool = False) -> None:
         plan = self.book.get(request.request_id)
@@ -228,6 +300,7 @@ class LayerKVScheduler(va.Scheduler):
             self.book.release(request.request_id)
         if plan is None or not plan.promoting:
             self.lkv.counters["preemptions_recompute"] += 1
+            self._log_decision(request, "preempted_recompute")
 
     # ---- step timing ----------------------------------------------------------------
 
@@ -236,19 +309,23 @@ class LayerKVScheduler(va.Scheduler):
         self._promote()
         output = super().schedule(*args, **kwargs)
         pairs = 0
-        decode_only = True
+        prefill_tokens = 0
         for rid, n in output.num_scheduled_tokens.items():
             request = self.requests.get(rid)
+            # num_computed_tokens already counts this step's tokens.
             context = request.num_computed_tokens if request is not None else n
             pairs += n * context
-            decode_only &= n == 1
-        self._step = (time.monotonic(), output.total_num_scheduled_tokens, pairs, decode_only)
+            if n > 1:
+                prefill_tokens += n
+        self._step = (time.monotonic(), output.total_num_scheduled_tokens, pairs, prefill_tokens)
         return output
 
     def update_from_output(self, scheduler_output, model_runner_output):
         if self._step is not None:
-            started, tokens, pairs, decode_only = self._step
-            self.step_model.observe(tokens, pairs, time.monotonic() - started, decode_only)
+            started, tokens, pairs, prefill_tokens = self._step
+            self.step_model.observe(
+                tokens, pairs, time.monotonic() - started, prefill_tokens == 0, prefill_tokens
+            )
             self._step = None
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         now = time.monotonic()
@@ -272,4 +349,5 @@ class LayerKVScheduler(va.Scheduler):
             "prefill_c_s": coef.c,
             "decode_step_s": self.step_model.decode_step_s,
             "step_samples": self.step_model.samples_seen,
+            "prefill_samples": self.step_model.prefill_samples,
         }

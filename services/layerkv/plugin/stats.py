@@ -36,7 +36,8 @@ class LayerKVStats:
     device_blocks_free: int = 0
     device_blocks_total: int = 0
     # Counters.
-    admitted_early: int = 0
+    admitted_early: int = 0  # admitted with offloaded layers: all groups did not fit
+    admitted_offloaded_for_room: int = 0  # would fit, offloaded to keep reserve_requests room
     deferred_tpot_slack: int = 0
     deferred_no_memory: int = 0
     promotions: int = 0
@@ -52,6 +53,7 @@ class LayerKVStats:
     prefill_c_s: float = 0.0
     decode_step_s: float = 0.0
     step_samples: int = 0
+    prefill_samples: int = 0  # prefill-dominated steps in the fit window
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -5,7 +5,12 @@ number of tokens it computed, ``attention_pairs`` the sum over its requests of
 ``new_tokens * context_length`` (the quadratic part of attention). A least-squares
 fit of ``seconds = a + b*tokens + c*attention_pairs`` over a sliding window gives,
 for a prompt of ``P`` tokens computed from scratch, ``a + b*P + c*P^2``.
-Decode-only steps also feed an EWMA of the decode step time used by the slack.
+
+Only prefill-dominated steps (at least ``min_prefill_tokens`` prompt tokens) enter the
+fit: decode steps of long contexts have many attention pairs per token and, being
+the vast majority of steps, would otherwise drive the fit (one decode step of eight
+2K-token requests has 16K pairs and lasts as long as a 300-token prefill).
+Decode-only steps feed an EWMA of the decode step time used by the slack instead.
 """
 
 from __future__ import annotations
@@ -50,26 +55,44 @@ class OnlineStepTimeModel:
         prior: PrefillCoefficients,
         prior_decode_step_s: float,
         window: int = 256,
-        min_samples: int = 8,
+        min_samples: int = 4,
         ewma_alpha: float = 0.1,
+        min_prefill_tokens: int = 32,
     ) -> None:
         self._prior = prior
         self._samples: deque[tuple[float, float, float]] = deque(maxlen=window)
         self._min_samples = min_samples
         self._alpha = ewma_alpha
+        self._min_prefill_tokens = min_prefill_tokens
         self._coef = prior
         self._dirty = False
         self.decode_step_s = prior_decode_step_s
         self.samples_seen = 0
 
-    def observe(self, tokens: int, attention_pairs: int, seconds: float, decode_only: bool) -> None:
+    def observe(
+        self,
+        tokens: int,
+        attention_pairs: int,
+        seconds: float,
+        decode_only: bool,
+        prefill_tokens: int | None = None,
+    ) -> None:
+        """One engine step. ``prefill_tokens``: the step's tokens that were not single
+        decode tokens (None: all of ``tokens``)."""
         if tokens <= 0 or seconds <= 0:
             return
         self.samples_seen += 1
         if decode_only:
             self.decode_step_s += self._alpha * (seconds - self.decode_step_s)
+            return
+        if (tokens if prefill_tokens is None else prefill_tokens) < self._min_prefill_tokens:
+            return
         self._samples.append((float(tokens), float(attention_pairs), seconds))
         self._dirty = True
+
+    @property
+    def prefill_samples(self) -> int:
+        return len(self._samples)
 
     @property
     def coefficients(self) -> PrefillCoefficients:
@@ -91,9 +114,14 @@ class OnlineStepTimeModel:
         # A negative term would predict shorter prefills for longer prompts; drop the
         # quadratic term (it is the weakest-determined one) and refit.
         linear = self._least_squares(use_quadratic=False)
-        return linear if linear is not None else self._prior
+        if linear is not None and linear.b >= 0:
+            return linear
+        return self._prior
 
     def _least_squares(self, use_quadratic: bool) -> PrefillCoefficients | None:
+        """Unconstrained least squares (negative b or c are returned as such, so the
+        caller can reject the fit: clipping one term of a joint fit leaves the others
+        wrong)."""
         # Normal equations X^T X w = X^T y with features (1, tokens, pairs); the pair
         # feature is scaled to keep the system well conditioned.
         scale = 1e-6
@@ -110,5 +138,4 @@ class OnlineStepTimeModel:
         w = _solve3(xtx, xty)
         if w is None:
             return None
-        a, b, c = w[0], max(w[1], 0.0), max(w[2] * scale, 0.0)
-        return PrefillCoefficients(a=max(a, 0.0), b=b, c=c)
+        return PrefillCoefficients(a=max(w[0], 0.0), b=w[1], c=w[2] * scale)

@@ -18,8 +18,13 @@ def cdiv(a: int, b: int) -> int:
 class LayerKVSettings:
     # Number of KV groups the attention layers are split into (None: one per layer).
     num_groups: int | None = None
-    # Groups a request always keeps resident (device blocks for every token).
-    min_resident_groups: int = 1
+    # Groups a request always keeps resident (device blocks for every token). 0 lets
+    # a request under pressure hold just its staging list (one layer's worth of
+    # blocks), the most concurrency a KV cap allows; every layer is then fetched at
+    # every step. Measured on the 2-core CPU bench (bench/layerkv_bench.py, heaviest
+    # point): 0 cut mean TTFT ~2x against 1, at ~2x the TPOT (the TPOT SLO gate
+    # bounds that).
+    min_resident_groups: int = 0
     # Cap on device blocks used as staging by all offloaded requests together
     # (None: bounded only by the KV pool). Must hold one max_model_len request.
     max_staging_blocks: int | None = None
@@ -30,6 +35,13 @@ class LayerKVSettings:
     slo_aware: bool = True
     # TPOT target for requests that carry none (None: such requests impose no limit).
     default_tpot_s: float | None = None
+    # Blocks kept free, when admitting with offloaded layers and when promoting, for
+    # this many more requests (sized like the one admitted) with min_resident_groups:
+    # without it, the first request of a burst takes every group and the next ones
+    # queue behind it (stock vLLM's head-of-line wait) until it finishes.
+    reserve_requests: int = 4
+    # Append one JSON line per early-admission decision to this file (None: off).
+    decision_log: str | None = None
     # Give offloaded layers of running requests device blocks again when free.
     promotion: bool = True
     max_promotions_per_step: int = 1
@@ -52,6 +64,8 @@ class LayerKVSettings:
             raise LayerKVConfigError("host_memory_bytes must be > 0")
         if self.default_tpot_s is not None and self.default_tpot_s <= 0:
             raise LayerKVConfigError("default_tpot_s must be > 0")
+        if self.reserve_requests < 0:
+            raise LayerKVConfigError("reserve_requests must be >= 0")
         if self.max_promotions_per_step < 0 or self.promotion_headroom_blocks < 0:
             raise LayerKVConfigError("promotion limits must be >= 0")
 

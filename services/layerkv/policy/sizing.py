@@ -58,12 +58,16 @@ def residency_leaving_room(
     blocks_per_group: int,
     next_blocks_per_group: int,
     min_resident: int,
+    next_requests: int = 1,
 ) -> int | None:
-    """Resident groups for the head of the queue such that the next waiting request
-    can still be admitted with ``min_resident`` groups; None when the head can be
-    fully resident anyway, or when no such split exists (then admission proceeds as
-    if nothing were waiting behind)."""
-    reserve = blocks_needed(num_groups, min_resident, next_blocks_per_group)
+    """Resident groups for the head of the queue such that ``next_requests`` more
+    requests of ``next_blocks_per_group`` can still be admitted with ``min_resident``
+    groups; None when the head can be fully resident anyway, ``min_resident`` when no
+    such split exists (the pool is nearly full: keep as much of it free as possible)."""
+    if next_requests <= 0:
+        return None
+    reserve = next_requests * blocks_needed(num_groups, min_resident, next_blocks_per_group)
     if blocks_needed(num_groups, num_groups, blocks_per_group) + reserve <= free_blocks:
         return None
-    return max_resident_groups(free_blocks - reserve, num_groups, blocks_per_group, min_resident)
+    best = max_resident_groups(free_blocks - reserve, num_groups, blocks_per_group, min_resident)
+    return min_resident if best is None else best
