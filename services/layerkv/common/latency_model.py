@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from layerkv.common.linalg import solve_linear
+
 
 @dataclass(frozen=True)
 class LatencyCoefficients:
@@ -35,23 +37,6 @@ class LatencyCoefficients:
 
     def decode_step(self, running: int) -> float:
         return max(0.0, self.decode_step_s + self.decode_step_s_per_seq * running)
-
-
-def _solve(m: list[list[float]], v: list[float]) -> list[float] | None:
-    """Gaussian elimination with partial pivoting; None when singular."""
-    n = len(v)
-    a = [[*row, rhs] for row, rhs in zip(m, v, strict=True)]
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
-        if abs(a[pivot][col]) < 1e-12:
-            return None
-        a[col], a[pivot] = a[pivot], a[col]
-        for r in range(n):
-            if r != col:
-                f = a[r][col] / a[col][col]
-                for k in range(col, n + 1):
-                    a[r][k] -= f * a[col][k]
-    return [a[i][n] / a[i][i] for i in range(n)]
 
 
 def least_squares_nonneg(
@@ -76,7 +61,7 @@ def least_squares_nonneg(
                     xtx[i][j] += xi * xj
         for i in range(len(active)):
             xtx[i][i] += ridge
-        w = _solve(xtx, xty)
+        w = solve_linear(xtx, xty)
         if w is None:
             return None
         worst = min(range(len(w)), key=lambda i: w[i])

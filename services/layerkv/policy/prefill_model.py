@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from layerkv.common.linalg import solve_linear
+
 
 @dataclass(frozen=True)
 class PrefillCoefficients:
@@ -28,23 +30,6 @@ class PrefillCoefficients:
     def predict(self, prompt_tokens: int) -> float:
         p = float(prompt_tokens)
         return max(0.0, self.a + self.b * p + self.c * p * p)
-
-
-def _solve3(m: list[list[float]], v: list[float]) -> list[float] | None:
-    """Gaussian elimination with partial pivoting for a 3x3 system."""
-    a = [[*row[:], rhs] for row, rhs in zip(m, v, strict=True)]
-    n = 3
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
-        if abs(a[pivot][col]) < 1e-18:
-            return None
-        a[col], a[pivot] = a[pivot], a[col]
-        for r in range(n):
-            if r != col:
-                f = a[r][col] / a[col][col]
-                for k in range(col, n + 1):
-                    a[r][k] -= f * a[col][k]
-    return [a[i][n] / a[i][i] for i in range(n)]
 
 
 class OnlineStepTimeModel:
@@ -135,7 +120,7 @@ class OnlineStepTimeModel:
                     xtx[i][j] += x[i] * x[j]
         if not use_quadratic:
             xtx[2][2] = 1.0  # pins c = 0
-        w = _solve3(xtx, xty)
+        w = solve_linear(xtx, xty, eps=1e-18)
         if w is None:
             return None
         return PrefillCoefficients(a=max(w[0], 0.0), b=w[1], c=w[2] * scale)
