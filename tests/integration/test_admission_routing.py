@@ -221,7 +221,10 @@ async def test_client_deadline_ends_a_queued_request_and_frees_its_slot(admissio
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await run(stub, gen_request(900, 4, slo_class="tight"), timeout=1.0)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert time.monotonic() - started < 5
+        # Held without a deadline it would wait up to max_hold_factor x target (300 s);
+        # the bound is loose because this process also streams 16 occupier requests
+        # and the whole suite shares 2 cores (6.8 s seen in one full CI run).
+        assert time.monotonic() - started < 20
         await wait_until(lambda: len(service.queue) == 0, what="the queue to drop it")
         await wait_until(lambda: not service.in_flight, what="no request left in flight")
     finally:
