@@ -111,3 +111,32 @@ def test_resolve_plain_and_dns():
     assert resolve("10.0.0.1:50061") == ["10.0.0.1:50061"]
     assert "127.0.0.1:50061" in resolve("dns:localhost:50061")
     assert resolve("dns:no-such-host.invalid:1") == []
+
+
+def test_first_tokens_seen_after_the_report_do_not_look_like_preemption():
+    # At report time the engine ran 1 and queued 2; since then admission saw the two
+    # queued ones start. They run now and took their blocks; nothing was preempted.
+    requests = [
+        progress("a", 320, 10, 100, True),
+        progress("b", 700, 0, 60, False),
+        progress("c", 200, 0, 90, False),
+    ]
+    ep = endpoint(load(running=1, waiting=2, requests=requests))
+    for rid, n in (("b", 700), ("c", 200)):
+        ep.dispatched(rid, n, 60)
+        ep.streamed(rid, 3)
+    snap = ep.snapshot(PRIOR)
+    assert [r.request_id for r in snap.running] == ["a", "b", "c"]
+    assert not snap.waiting
+    assert [r.prompt_tokens for r in snap.running] == [320, 700, 200]  # no recompute
+    assert snap.kv.blocks_free == 50 - 22 - 7  # cdiv(703, 32) + cdiv(203, 32)
+
+
+def test_prefilling_request_that_finished_since_gives_its_blocks_back():
+    requests = [progress("pf", 500, 0, 1, False)]
+    ep = endpoint(load(running=1, waiting=0, requests=requests))
+    ep.dispatched("pf", 500, 1)
+    ep.finished("pf")
+    snap = ep.snapshot(PRIOR)
+    assert not snap.running and not snap.waiting
+    assert snap.kv.blocks_free == 50 + 16

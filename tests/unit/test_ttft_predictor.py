@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -152,6 +154,24 @@ def test_latency_model_uses_prior_until_enough_samples_and_never_goes_negative()
         m.observe_prefill(p, t)
     c = m.coefficients()
     assert c.prefill_b_s >= 0 and c.prefill_c_s >= 0 and c.prefill_s(10_000) >= 0
+
+
+def test_prefill_fit_ignores_samples_lengthened_by_shared_steps():
+    """Half the requests shared their prefill step with a 1500-token prompt (their
+    measured time includes it): the fit must stay on the solo cost, where a plain
+    least-squares fit would be pulled up by about half that prompt's time."""
+    rng = random.Random(3)
+    solo = LatencyCoefficients(0.004, 3e-5, 2e-8, 0.01, 0.0)
+    m = OnlineLatencyModel()
+    for i in range(200):
+        p = rng.randrange(64, 2000)
+        t = solo.prefill_s(p) * rng.uniform(1.0, 1.05)
+        if i % 2:
+            t += solo.prefill_s(1500)
+        m.observe_prefill(p, t)
+    c = m.coefficients()
+    for p in (100, 800, 1800):
+        assert c.prefill_s(p) == pytest.approx(solo.prefill_s(p), rel=0.1), p
 
 
 def test_nonneg_least_squares_drops_negative_coefficients():

@@ -84,56 +84,65 @@ class WorkerEndpoint:
         bs = max(load.config.block_size, 1)
         groups = max(load.kv_groups, 1)
         free = load.kv_blocks_free
+
+        def blocks(tokens: int) -> int:
+            return groups * cdiv(tokens, bs)
+
+        # 1. The report on its own terms. The engine counts ``running`` requests (they
+        # hold blocks: decoding, or prefilling without a first token yet) and
+        # ``waiting`` ones (queued, or preempted to recompute); the worker lists each
+        # request with its first-token flag. More running than started: the oldest
+        # unstarted are prefilling. Fewer: the newest started were preempted (vLLM
+        # preempts the newest first). Local knowledge must not enter this step: a
+        # first token seen here after the report says nothing about the engine's
+        # counts at report time.
+        started = [r for r in load.requests if r.started]
+        pending = [r for r in load.requests if not r.started]
+        n_prefilling = min(max(load.running - len(started), 0), len(pending))
+        n_preempted = min(max(len(started) - load.running, 0), len(started))
+        preempted = {r.request_id for r in started[len(started) - n_preempted :]}
+        holding = {r.request_id for r in started if r.request_id not in preempted}
+        holding |= {r.request_id for r in pending[:n_prefilling]}
+
+        # 2. What happened here since: tokens streamed, requests finished or sent.
         running: list[RequestLoad] = []
+        requeued: list[RequestLoad] = []
         waiting: list[RequestLoad] = []
-        reported = set()
         for r in load.requests:
-            fin = self.finished_at.get(r.request_id)
+            rid = r.request_id
+            fin = self.finished_at.get(rid)
             if fin is not None and fin >= self.load_at:
-                # Finished after the report: its blocks are free again.
-                if r.started:
-                    free += groups * cdiv(r.prompt_tokens + r.output_tokens, bs)
+                if rid in holding:  # its blocks are free again
+                    free += blocks(r.prompt_tokens + r.output_tokens)
                 continue
-            reported.add(r.request_id)
-            mine = self.local.get(r.request_id)
+            mine = self.local.get(rid)
             out = max(r.output_tokens, mine.output_tokens if mine else 0)
-            started = r.started or (mine is not None and mine.started)
-            if started and not r.started:
-                free -= groups * cdiv(r.prompt_tokens + out, bs)
-            req = RequestLoad(r.prompt_tokens, r.max_tokens, out, started, r.request_id)
-            (running if started else waiting).append(req)
+            if rid in holding:
+                free -= blocks(r.prompt_tokens + out) - blocks(r.prompt_tokens + r.output_tokens)
+                running.append(RequestLoad(r.prompt_tokens, r.max_tokens, out, r.started, rid))
+            elif rid in preempted and out == r.output_tokens:
+                # Waits again, ahead of the queue, to recompute prompt + output.
+                requeued.append(
+                    RequestLoad(r.prompt_tokens + out, r.max_tokens - out, 0, False, rid)
+                )
+            elif out > 0 or (mine is not None and mine.started):
+                # Started (or resumed) since the report: it took its blocks since.
+                free -= blocks(r.prompt_tokens + out)
+                running.append(RequestLoad(r.prompt_tokens, r.max_tokens, out, True, rid))
+            else:
+                waiting.append(RequestLoad(r.prompt_tokens, r.max_tokens, 0, False, rid))
+        reported = {r.request_id for r in load.requests}
         for rid, mine in self.local.items():
             if rid in reported:
                 continue
             req = RequestLoad(mine.prompt_tokens, mine.max_tokens, mine.output_tokens,
                               mine.started, rid)  # fmt: skip
             if mine.started:
-                free -= groups * cdiv(mine.prompt_tokens + mine.output_tokens, bs)
+                free -= blocks(mine.prompt_tokens + mine.output_tokens)
                 running.append(req)
             else:
                 waiting.append(req)
-        # Requests the engine already runs (prefilling) have no first token yet but
-        # hold their blocks (counted out of ``free``): they are running, not queued.
-        # The engine schedules in arrival order, so they are the oldest waiting ones.
-        prefilling = min(max(load.running - len(running), 0), len(waiting))
-        running += waiting[:prefilling]
-        waiting = waiting[prefilling:]
-        # Started requests the engine preempted (KV ran out) wait again, ahead of the
-        # queue, and must recompute prompt + output: vLLM preempts the newest first.
-        preempted = min(max(load.waiting - len(waiting), 0), len(running))
-        if preempted:
-            back = running[len(running) - preempted :]
-            running = running[: len(running) - preempted]
-            waiting = [
-                RequestLoad(
-                    r.prompt_tokens + r.output_tokens,
-                    r.max_tokens - r.output_tokens,
-                    0,
-                    False,
-                    r.request_id,
-                )
-                for r in back
-            ] + waiting
+        waiting = requeued + waiting
         if len(load.prefill_s_coeffs) == 3 and load.latency_samples > 0:
             a, b, c = load.prefill_s_coeffs
             latency = LatencyCoefficients(

@@ -9,7 +9,8 @@ Two models, the inputs of the admission service's TTFT predictor:
 The worker fits them from what vLLM reports per finished request (time from first
 scheduled to first token, and mean time per output token), with no help from the
 LayerKV plug-in; the plug-in can later supply its own engine-side fit through the same
-``WorkerLoad`` fields. Both fits are least squares over a sliding window, constrained
+``WorkerLoad`` fields. Both fits are least squares over a sliding window (the prefill
+fit on the lower envelope of its samples, see ``lower_envelope_fit``), constrained
 to non-negative coefficients (a negative slope would predict negative time for long
 prompts), and fall back to a prior until enough samples arrive.
 """
@@ -74,6 +75,32 @@ def least_squares_nonneg(
     return [0.0] * k
 
 
+def lower_envelope_fit(
+    rows: list[list[float]], ys: list[float], keep: float = 0.4, rounds: int = 2
+) -> list[float] | None:
+    """``least_squares_nonneg`` refitted on the samples at or below the ``keep``
+    quantile of the residuals, ``rounds`` times: the lower envelope of the data.
+
+    A request's measured prefill time is its own prefill only when it had the engine
+    step to itself; when other prompts shared the step (or it waited behind one) the
+    sample is longer, never shorter. The TTFT predictor models that sharing itself,
+    so it needs the solo cost: the envelope, not the mean of contaminated samples."""
+    w = least_squares_nonneg(rows, ys)
+    for _ in range(rounds):
+        if w is None or len(rows) < 8:
+            return w
+        resid = [
+            y - sum(wi * xi for wi, xi in zip(w, r, strict=True))
+            for r, y in zip(rows, ys, strict=True)
+        ]
+        cut = sorted(resid)[max(int(keep * len(resid)) - 1, 0)]
+        kept = [i for i, e in enumerate(resid) if e <= cut]
+        if len(kept) < len(rows[0]) + 1:
+            return w
+        w = least_squares_nonneg([rows[i] for i in kept], [ys[i] for i in kept])
+    return w
+
+
 class OnlineLatencyModel:
     """Sliding-window fits of prefill time and decode step time."""
 
@@ -120,7 +147,7 @@ class OnlineLatencyModel:
             # A quadratic needs spread in P; with few distinct lengths fit a line.
             cols = 3 if len(set(ps)) >= 3 else 2
             rows = [[1.0, float(p), float(p) * p][:cols] for p in ps]
-            w = least_squares_nonneg(rows, ys)
+            w = lower_envelope_fit(rows, ys)
             if w is not None:
                 a, b, c = w[0], w[1], (w[2] if cols == 3 else 0.0)
         if len(self._decode) >= self.min_samples:
