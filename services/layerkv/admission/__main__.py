@@ -67,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env_flag(p, "--poll-interval-s", "LAYERKV_POLL_INTERVAL_S", 0.1, "worker poll", type=float)
     env_flag(p, "--stale-after-s", "LAYERKV_STALE_AFTER_S", 3.0, "worker state max age", type=float)
     env_flag(p, "--drain-timeout", "LAYERKV_DRAIN_TIMEOUT_S", 30.0, "seconds to drain", type=float)
+    env_flag(
+        p, "--decision-log", "LAYERKV_DECISION_LOG", "",
+        "append every dispatch (worker state, prediction) as a JSON line to this file",
+    )  # fmt: skip
     env_flag(p, "--log-level", "LAYERKV_LOG_LEVEL", "INFO", "log level")
     return p.parse_args(argv)
 
@@ -138,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         max_hold_factor=args.max_hold_factor,
         poll_interval_s=args.poll_interval_s,
         stale_after_s=args.stale_after_s,
+        decision_log=args.decision_log,
     )
     asyncio.run(serve(settings))
     return 0

@@ -11,11 +11,15 @@ predicted TTFT) in Redis. Policy lives in the pure modules; this module does the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TextIO
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 
 from layerkv.admission import metrics
 from layerkv.admission.load_reports import LoadPublisher
@@ -33,7 +37,7 @@ from layerkv.admission.routing import (
     should_reject,
 )
 from layerkv.admission.slo_classes import SloCatalog
-from layerkv.admission.ttft import TtftPrediction, predict_ttft
+from layerkv.admission.ttft import TtftPrediction, WorkerSnapshot, predict_ttft
 from layerkv.admission.workers import WorkerEndpoint, WorkerPool
 from layerkv.common import serving
 from layerkv.common.requests import (
@@ -130,6 +134,7 @@ class AdmissionService:
         queue_capacity: int = 1024,
         queue_policy: str = "edf",
         max_hold_factor: float = 4.0,
+        decision_log: TextIO | None = None,
     ) -> None:
         self.pool = pool
         self.catalog = catalog
@@ -143,6 +148,9 @@ class AdmissionService:
         # Prompt tokens per byte of text, learned from the workers' usage reports (text
         # prompts are tokenised by the worker; admission only needs an estimate).
         self.tokens_per_byte = 0.3
+        # JSON lines, one per dispatch: the worker state the prediction was made from and
+        # the prediction, so a wrong one can be replayed offline (``--decision-log``).
+        self.decision_log = decision_log
         pool.on_update = self.dispatch
 
     def start(self) -> None:
@@ -216,6 +224,8 @@ class AdmissionService:
                 self.queue.remove(item)
                 worker = next(w for w in routable if w.address == best.worker)
                 worker.dispatched(item.request_id, item.prompt_tokens, item.max_tokens)
+                if self.decision_log is not None:
+                    self._log_decision(item, worker, snaps[worker.address], best, now)
                 snaps[worker.address] = worker.snapshot(self.pool.prior)
                 future.set_result(_Routed(worker, best, now, now - item.arrival))
             elif verdict is Verdict.EXPIRED:
@@ -230,6 +240,27 @@ class AdmissionService:
             elif verdict is Verdict.LATE:
                 self.queue.mark_late(item)
         self._queue_metrics()
+
+    def _log_decision(
+        self,
+        item: QueuedRequest,
+        worker: WorkerEndpoint,
+        snap: WorkerSnapshot,
+        best: TtftPrediction,
+        now: float,
+    ) -> None:
+        entry = {
+            "request_id": item.request_id,
+            "at": now,
+            "prompt_tokens": item.prompt_tokens,
+            "max_tokens": item.max_tokens,
+            # The worker's last report as received, and the snapshot made from it.
+            "report_age_s": now - worker.load_at,
+            "report": MessageToDict(worker.load, preserving_proto_field_name=True),
+            "snapshot": dataclasses.asdict(snap),
+            "prediction": dataclasses.asdict(best),
+        }
+        self.decision_log.write(json.dumps(entry) + "\n")
 
     def _queue_metrics(self) -> None:
         depth: dict[str, int] = dict.fromkeys(self.catalog.names(), 0)
@@ -627,9 +658,16 @@ class AdmissionSettings:
     max_hold_factor: float = 4.0
     poll_interval_s: float = 0.1
     stale_after_s: float = 3.0
+    decision_log: str = ""  # path of a JSON-lines log of every dispatch ('' = none)
 
 
 def build_service(settings: AdmissionSettings) -> AdmissionService:
+    # Open for the process's life; line-buffered, so a crash loses at most one line.
+    decisions = (
+        open(settings.decision_log, "a", buffering=1)  # noqa: SIM115
+        if settings.decision_log
+        else None
+    )
     store = MetricsStore.from_url(settings.redis_url) if settings.redis_url else None
     default = SloTarget(DEFAULT_CLASS, settings.default_ttft_s, settings.default_tpot_s)
     classes = {default.name: default, **{c.name: c for c in settings.classes}}
@@ -649,6 +687,7 @@ def build_service(settings: AdmissionSettings) -> AdmissionService:
         queue_capacity=settings.queue_capacity,
         queue_policy=settings.queue_policy,
         max_hold_factor=settings.max_hold_factor,
+        decision_log=decisions,
     )
 
 
