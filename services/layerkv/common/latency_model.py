@@ -6,12 +6,12 @@ Two models, the inputs of the admission service's TTFT predictor:
   (the quadratic term is attention over the prompt);
 * decode step time with ``n`` running requests: ``d0 + d1*n`` seconds.
 
-The worker fits them from what vLLM reports per finished request (time from first
-scheduled to first token, and mean time per output token), with no help from the
-LayerKV plug-in; the plug-in can later supply its own engine-side fit through the same
-``WorkerLoad`` fields. Both fits are least squares over a sliding window (the prefill
-fit on the lower envelope of its samples, see ``lower_envelope_fit``), constrained
-to non-negative coefficients (a negative slope would predict negative time for long
+The worker fits them from what vLLM reports (per finished request, the time from first
+scheduled to first token; per engine step, the inter-token latencies), with no help from
+the LayerKV plug-in; the plug-in can supply its own engine-side fit through the same
+``WorkerLoad`` fields. Both fits are least squares over a sliding window, on the lower
+envelope of the samples (``lower_envelope_fit``: sharing a step only lengthens one),
+constrained to non-negative coefficients (a negative slope would predict negative time for long
 prompts), and fall back to a prior until enough samples arrive.
 """
 
@@ -109,11 +109,14 @@ class OnlineLatencyModel:
         prior: LatencyCoefficients | None = None,
         *,
         window: int = 256,
+        decode_window: int = 512,
         min_samples: int = 4,
     ) -> None:
         self.prior = prior or LatencyCoefficients()
         self._prefill: deque[tuple[int, float]] = deque(maxlen=window)
-        self._decode: deque[tuple[int, float]] = deque(maxlen=window)
+        # Decode samples come once per engine step (hundreds a second), prefill ones
+        # once per request: a longer window keeps several batch sizes in the fit.
+        self._decode: deque[tuple[int, float]] = deque(maxlen=decode_window)
         self.min_samples = min_samples
         self._cached: LatencyCoefficients | None = None
 
@@ -155,7 +158,7 @@ class OnlineLatencyModel:
             ns = [n for n, _ in self._decode]
             ys = [s for _, s in self._decode]
             if len(set(ns)) >= 2:
-                w = least_squares_nonneg([[1.0, float(n)] for n in ns], ys)
+                w = lower_envelope_fit([[1.0, float(n)] for n in ns], ys)
                 if w is not None:
                     d0, d1 = w
             else:

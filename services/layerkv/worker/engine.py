@@ -6,6 +6,7 @@ stat-logger interface). vLLM private internals belong in the LayerKV plug-in's a
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -107,10 +108,10 @@ class EngineStatsRecorder:
     def __init__(self) -> None:
         self.latest = SchedulerSnapshot()
         self.num_kv_blocks = 0
-        # Prefill time and decode step time, fitted from the engine's per-request
-        # timings (vLLM's FinishedRequestStats), for the admission's TTFT predictor.
+        # Prefill time (from vLLM's per-request FinishedRequestStats) and decode step
+        # time (from its per-step inter-token latencies), for the admission's TTFT
+        # predictor.
         self.latency = OnlineLatencyModel()
-        self._running_avg = 0.0  # EWMA of running requests: the batch a decode saw
         # The LayerKV plug-in's counters (None on a stock engine).
         self.layerkv: LayerKVStats | None = None
 
@@ -119,10 +120,13 @@ class EngineStatsRecorder:
             if fin.num_preemptions:
                 continue  # recomputed: its timings mix two lives
             self.latency.observe_prefill(fin.num_prompt_tokens, fin.prefill_time)
-            if fin.num_generation_tokens > 1:
-                self.latency.observe_decode(
-                    max(1, round(self._running_avg)), fin.mean_time_per_output_token
-                )
+        itl = getattr(iteration_stats, "inter_token_latencies_iter", None)
+        if itl and not getattr(iteration_stats, "time_to_first_tokens_iter", None):
+            # One engine step in which n requests each decoded a token and no prefill
+            # completed: each one's inter-token latency is that step's duration (engine
+            # timestamps). A per-request mean TPOT would mix in other requests'
+            # prefill steps and lag the batch size.
+            self.latency.observe_decode(len(itl), statistics.median(itl))
 
     def factory(self, vllm_config, engine_index: int = 0) -> StatLoggerBase:
         recorder = self
@@ -135,9 +139,6 @@ class EngineStatsRecorder:
                 if iteration_stats is not None:
                     recorder._observe(iteration_stats)
                 if scheduler_stats is not None:
-                    recorder._running_avg += 0.1 * (
-                        scheduler_stats.num_running_reqs - recorder._running_avg
-                    )
                     recorder.latest = SchedulerSnapshot(
                         running=scheduler_stats.num_running_reqs,
                         waiting=scheduler_stats.num_waiting_reqs
