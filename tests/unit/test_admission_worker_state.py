@@ -140,3 +140,15 @@ def test_prefilling_request_that_finished_since_gives_its_blocks_back():
     snap = ep.snapshot(PRIOR)
     assert not snap.running and not snap.waiting
     assert snap.kv.blocks_free == 50 + 16
+
+
+def test_learned_overhead_is_robust_to_a_burst():
+    ep = endpoint(load())
+    for _ in range(20):
+        ep.learn_overhead(0.004)
+    for _ in range(3):  # three requests an unforeseen burst delayed by half a second
+        ep.learn_overhead(0.5)
+    assert ep.overhead_s == 0.004
+    assert endpoint(load()).snapshot(PRIOR).overhead_s == 0.0  # nothing learned yet
+    ep.learn_overhead(-1.0)  # never negative
+    assert ep.snapshot(PRIOR).overhead_s >= 0.0

@@ -20,7 +20,9 @@ import contextlib
 import itertools
 import logging
 import socket
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,8 +61,11 @@ class WorkerEndpoint:
     local: dict[str, LocalRequest] = field(default_factory=dict, repr=False)
     finished_at: dict[str, float] = field(default_factory=dict, repr=False)
     # Learned per-request overhead not in the engine's own timings (RPC hops,
-    # tokenisation, output streaming): EWMA of measured - predicted when not queued.
+    # tokenisation, output streaming): the median of measured - predicted over recent
+    # requests predicted not to wait (a median: an unforeseen burst that made a few of
+    # them wait must not shift it).
     overhead_s: float = 0.0
+    overhead_samples: deque[float] = field(default_factory=lambda: deque(maxlen=31), repr=False)
 
     def healthy(self, now: float) -> bool:
         return now >= self.unhealthy_until
@@ -188,9 +193,9 @@ class WorkerEndpoint:
                 cutoff = now - 60.0
                 self.finished_at = {k: v for k, v in self.finished_at.items() if v >= cutoff}
 
-    def learn_overhead(self, measured_minus_predicted_s: float, alpha: float = 0.2) -> None:
-        x = min(max(measured_minus_predicted_s, -0.5), 1.0)
-        self.overhead_s = max(0.0, self.overhead_s + alpha * (x - self.overhead_s))
+    def learn_overhead(self, measured_minus_predicted_s: float) -> None:
+        self.overhead_samples.append(measured_minus_predicted_s)
+        self.overhead_s = max(0.0, statistics.median(self.overhead_samples))
 
 
 def resolve(spec: str) -> list[str]:
