@@ -2,26 +2,29 @@
 
     python bench/admission_bench.py --model models/tiny-llama [--scale 0.5]
 
-Starts Redis, two workers (real vLLM engines, small KV caches so long prompts queue
-for memory) and the admission service as real processes on loopback, then:
+Starts Redis, workers (real vLLM engines, small KV caches so long prompts queue for
+memory) and the admission service as real processes on loopback, then:
 
 1. accuracy: an open-loop Poisson workload whose rate ramps from idle to past
    saturation, through admission (a class with a loose target, so every request is
-   sent at once and the prediction must foresee the worker's queueing and KV wait);
-   MAPE of the ADMITTED decision's predicted TTFT vs the measured TTFT, overall and
-   in the last (saturated) third;
+   sent at once and the prediction must foresee the worker's queueing and KV wait),
+   on one worker with LayerKV off, then on one with LayerKV on; MAPE of the ADMITTED
+   decision's predicted TTFT vs the measured TTFT, overall and in the last (saturated)
+   third, for both together and each alone. One worker at a time so that its engine
+   has a core of its own (see the comment in main);
 2. goodput: one overloaded mixed workload (short "interactive" prompts with a tight
    TTFT target and the reject policy; long "batch" prompts with a loose target and the
    queue policy), sent (a) round-robin straight to the workers (vLLM's FIFO) and
-   (b) through admission; SLO violation rate (rejected = violated) and goodput
-   (requests meeting both targets per second);
+   (b) through admission, to two workers whose engines are pinned to one core each;
+   SLO violation rate (rejected = violated) and goodput (requests meeting both
+   targets per second);
 3. overhead: admission decisions per second on one core without an engine (the pure
    policy path: predict on every worker, choose, queue), and added per-request latency
    through admission vs the worker directly (sequential small requests).
 
-Writes bench/results/admission.json (summary fields + raw points) and an SVG plot.
-LayerKV on: the worker has no ``--layerkv`` flag yet, so only "off" is measured; the
-predictor's LayerKV branch is covered by unit tests.
+Writes bench/results/admission.json (summary fields + raw points), an SVG plot, and
+the admission's decision logs (worker state behind every prediction) under
+.run/bench-admission/.
 """
 
 from __future__ import annotations
@@ -75,7 +78,11 @@ def sampling(max_tokens: int) -> common_pb2.SamplingParams:
 
 async def one_request(stub, req, via_admission: bool, t0: float) -> dict:
     sent = time.perf_counter()
-    point = {"sent_at": sent - t0, "prompt_tokens": len(req.prompt_token_ids)}
+    point = {
+        "request_id": req.request_id,
+        "sent_at": sent - t0,
+        "prompt_tokens": len(req.prompt_token_ids),
+    }
     first = last = None
     n = 0
     try:
@@ -137,16 +144,21 @@ async def accuracy(admission_addr: str, duration_s: float, peak_rps: float, seed
 
         def call(i, t0):
             req = admission_pb2.GenerateRequest(
-                prompt_token_ids=prompts[i], sampling=sampling(shapes[i][1]), slo_class="bulk"
+                request_id=f"acc-{i}",  # joins the admission's --decision-log
+                prompt_token_ids=prompts[i],
+                sampling=sampling(shapes[i][1]),
+                slo_class="bulk",
             )
             return one_request(stub, req, True, t0)
 
         points = await open_loop(call, arrivals)
-    ok = [p for p in points if p["status"] == "ok" and p.get("predicted_s") and p["ttft_s"]]
     third = duration_s * 2 / 3
+    for p in points:
+        p["saturated"] = p["sent_at"] >= third
+    ok = [p for p in points if p["status"] == "ok" and p.get("predicted_s") and p["ttft_s"]]
     return {
         "ttft_mape": mape(ok),
-        "ttft_mape_saturated": mape([p for p in ok if p["sent_at"] >= third]),
+        "ttft_mape_saturated": mape([p for p in ok if p["saturated"]]),
         "requests": len(points),
         "completed": len(ok),
         "points": points,
@@ -369,69 +381,96 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/results/admission.json"))
     args = ap.parse_args(argv)
 
-    result: dict = {"kv_blocks_per_worker": KV_BLOCKS, "workers": 2, "layerkv": False}
+    result: dict = {"kv_blocks_per_worker": KV_BLOCKS, "workers": 2}
     print("decisions/s (pure policy path, one core) ...", flush=True)
     result["decisions_per_s"] = decisions_per_second()
     print(f"  {result['decisions_per_s']:.0f}", flush=True)
 
     log_dir = Path(".run/bench-admission")
     procs: list[local_stack.Proc] = []
+
+    def worker_proc(*extra: str, cpus: str | None = None) -> local_stack.Proc:
+        proc = local_stack.start_worker(
+            local_stack.free_port(), model=args.model, log_dir=log_dir,
+            extra_args=["--dtype", "float32", "--num-kv-blocks", str(KV_BLOCKS), *extra],
+            cpus=cpus,
+        )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    def admission_proc(workers: list[local_stack.Proc], *extra: str) -> local_stack.Proc:
+        proc = local_stack.start_admission(
+            local_stack.free_port(),
+            workers=[w.address for w in workers],
+            redis_url=redis.extra["url"],
+            log_dir=log_dir,
+            extra_args=[
+                "--slo-classes", f"{spec},bulk=1000000:1000000",
+                "--class-policy", "interactive=reject:2,batch=queue",
+                *extra,
+            ],
+        )  # fmt: skip
+        procs.append(proc)
+        local_stack.wait_serving(proc, timeout_s=60)
+        return proc
+
     try:
         redis = local_stack.start_redis(local_stack.free_port(), log_dir)
         procs.append(redis)
-        workers = [
-            local_stack.start_worker(
-                local_stack.free_port(), model=args.model, log_dir=log_dir,
-                extra_args=["--dtype", "float32", "--num-kv-blocks", str(KV_BLOCKS)],
-            )
-            for _ in range(2)
-        ]  # fmt: skip
-        procs += workers
+
+        # -- accuracy: one worker at a time, LayerKV off then on -----------------------
+        # One engine, so that it has a core to itself (vLLM pins it to the first one)
+        # and the other core serves the frontends, admission and this client: with two
+        # engines on two cores every process competes and measured TTFTs carry seconds
+        # of scheduling noise that no prediction from engine state can foresee.
+        acc_points: list[dict] = []
+        for config, flags in (("layerkv_off", ()), ("layerkv_on", ("--layerkv",))):
+            worker = worker_proc(*flags)
+            local_stack.wait_serving(worker, timeout_s=400)
+            if config == "layerkv_off":
+                ttft_short, ttft_long, tpot = probe(worker.address)
+                result["probe"] = {
+                    "ttft_short_s": ttft_short, "ttft_long_s": ttft_long, "tpot_s": tpot,
+                }  # fmt: skip
+                # Targets relative to this machine's speed, so the workload means the
+                # same everywhere: interactive must start within a few short prefills,
+                # batch within several long ones; TPOT within 3x the idle decode step.
+                CLASSES["interactive"] = (max(4 * ttft_short, 0.15), 3 * tpot)
+                CLASSES["batch"] = (max(8 * ttft_long, 1.0), 3 * tpot)
+                result["classes"] = {k: {"ttft_s": a, "tpot_s": b} for k, (a, b) in CLASSES.items()}
+                spec = ",".join(f"{k}={a * 1e3:.1f}:{b * 1e3:.1f}" for k, (a, b) in CLASSES.items())
+                print(f"probe: {result['probe']}; classes {result['classes']}", flush=True)
+                # Capacity estimate: a worker prefills ~1/ttft_long long prompts per second.
+                peak = 2.5 / (ttft_long + 100 * tpot)
+            dur = 90 * args.scale
+            print(f"accuracy, {config}: ramp to {peak:.2f} req/s over {dur:.0f} s ...", flush=True)
+            # No holding in admission (--max-hold-factor 0): every request goes to the
+            # worker at once, so the prediction has to foresee all the worker-side wait.
+            # The decision log keeps the worker state behind each prediction.
+            forwarder = admission_proc(
+                [worker], "--max-hold-factor", "0",
+                "--decision-log", str(log_dir / f"decisions-{config}.jsonl"),
+            )  # fmt: skip
+            acc = asyncio.run(accuracy(forwarder.address, dur, peak, args.seed))
+            forwarder.stop()
+            worker.stop()
+            for p in acc["points"]:
+                p["config"] = config
+            acc_points += acc["points"]
+            result[f"ttft_mape_{config}"] = acc["ttft_mape"]
+            result[f"ttft_mape_saturated_{config}"] = acc["ttft_mape_saturated"]
+            print(f"  MAPE {acc['ttft_mape']}, saturated {acc['ttft_mape_saturated']} "
+                  f"({acc['completed']}/{acc['requests']})", flush=True)  # fmt: skip
+        ok = [p for p in acc_points if p["status"] == "ok" and p.get("predicted_s") and p["ttft_s"]]
+        result["ttft_mape"] = mape(ok)
+        result["ttft_mape_saturated"] = mape([p for p in ok if p["saturated"]])
+
+        # -- goodput and overhead: two workers, one core each -------------------------
+        workers = [worker_proc(cpus=cpus) for cpus in local_stack.engine_cpus(2)]
         for w in workers:
             local_stack.wait_serving(w, timeout_s=400)
-        ttft_short, ttft_long, tpot = probe(workers[0].address)
-        result["probe"] = {"ttft_short_s": ttft_short, "ttft_long_s": ttft_long, "tpot_s": tpot}
-        # Targets relative to this machine's speed, so the workload means the same
-        # everywhere: interactive must start within a few short prefills, batch within
-        # several long ones; TPOT within 3x the idle decode step.
-        CLASSES["interactive"] = (max(4 * ttft_short, 0.15), 3 * tpot)
-        CLASSES["batch"] = (max(8 * ttft_long, 1.0), 3 * tpot)
-        result["classes"] = {k: {"ttft_s": a, "tpot_s": b} for k, (a, b) in CLASSES.items()}
-        spec = ",".join(f"{k}={a * 1000:.1f}:{b * 1000:.1f}" for k, (a, b) in CLASSES.items())
-
-        def admission_proc(*extra: str) -> local_stack.Proc:
-            proc = local_stack.start_admission(
-                local_stack.free_port(),
-                workers=[w.address for w in workers],
-                redis_url=redis.extra["url"],
-                log_dir=log_dir,
-                extra_args=[
-                    "--slo-classes", f"{spec},bulk=1000000:1000000",
-                    "--class-policy", "interactive=reject:2,batch=queue",
-                    *extra,
-                ],
-            )  # fmt: skip
-            procs.append(proc)
-            local_stack.wait_serving(proc, timeout_s=60)
-            return proc
-
-        print(f"probe: {result['probe']}; classes {result['classes']}", flush=True)
-
-        # Capacity estimate: a worker prefills ~1/ttft_long long prompts per second.
-        peak = 2.5 * 2 / (ttft_long + 100 * tpot)
-        dur = 90 * args.scale
-        print(f"accuracy: ramp to {peak:.2f} req/s over {dur:.0f} s ...", flush=True)
-        # No holding in admission (--max-hold-factor 0): every request goes to a worker
-        # at once, so the prediction has to foresee all of the worker-side waiting.
-        forwarder = admission_proc("--max-hold-factor", "0")
-        acc = asyncio.run(accuracy(forwarder.address, dur, peak, args.seed))
-        forwarder.stop()
-        result["ttft_mape"] = acc["ttft_mape"]
-        result["ttft_mape_saturated"] = acc["ttft_mape_saturated"]
-        result["ttft_mape_layerkv_on"] = None  # no --layerkv worker yet
-        print(f"  MAPE {acc['ttft_mape']}, saturated {acc['ttft_mape_saturated']} "
-              f"({acc['completed']}/{acc['requests']})", flush=True)  # fmt: skip
-        admission = admission_proc()
+        peak = 2.5 * len(workers) / (ttft_long + 100 * tpot)
+        admission = admission_proc(workers)
 
         gdur = 60 * args.scale
         rps = peak  # ~2.5x the long-prompt capacity estimate: overloaded
@@ -453,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         print("added latency ...", flush=True)
         result.update(added_latency(workers[0].address, admission.address, int(100 * args.scale)))
         result["raw"] = {
-            "accuracy": acc["points"],
+            "accuracy": acc_points,
             "goodput_baseline": base["points"],
             "goodput_admission": adm["points"],
             "workload": [{k: v for k, v in w.items() if k != "ids"} for w in work],
