@@ -17,8 +17,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env_flag(p, "--block-size", "LAYERKV_BLOCK_SIZE", 32, "tokens per KV block", type=int)
     env_flag(p, "--kv-cache-gib", "LAYERKV_KV_CACHE_GIB", 0.25, "KV cache size, GiB", type=float)
     env_flag(
-        p, "--num-kv-blocks", "LAYERKV_NUM_KV_BLOCKS", 0, "cap on KV blocks (0: none)", type=int
-    )
+        p, "--num-kv-blocks", "LAYERKV_NUM_KV_BLOCKS", 0,
+        "cap on the KV cache, in blocks of all layers; LayerKV gets the same bytes (0: none)",
+        type=int,
+    )  # fmt: skip
     env_flag(p, "--dtype", "LAYERKV_DTYPE", "auto", "model dtype")
     env_flag(p, "--max-num-seqs", "LAYERKV_MAX_NUM_SEQS", 64, "max concurrent requests", type=int)
     env_flag(

@@ -29,7 +29,8 @@ class EngineSettings:
     block_size: int = 32
     # Host memory for the KV cache on CPU / device memory on GPU, in GiB. 0 = vLLM default.
     kv_cache_gib: float = 0.25
-    # Caps the number of KV blocks (creates KV pressure on purpose). 0 = no cap.
+    # Caps the KV cache at this many blocks of all layers (creates KV pressure on
+    # purpose); a LayerKV engine gets the same bytes. 0 = no cap.
     num_kv_blocks: int = 0
     dtype: str = "auto"
     max_num_seqs: int = 64
@@ -64,11 +65,23 @@ def build_engine_args(settings: EngineSettings, **overrides: Any) -> AsyncEngine
     if settings.kv_cache_gib:
         kwargs["kv_cache_memory_bytes"] = int(settings.kv_cache_gib * (1 << 30))
     if settings.num_kv_blocks:
-        kwargs["num_gpu_blocks_override"] = settings.num_kv_blocks
+        # vLLM's override counts blocks of its pool; with LayerKV's G groups a pool
+        # block holds 1/G of the layers, so the same memory is G times as many blocks.
+        groups = 1
+        if settings.layerkv is not None:
+            groups = settings.layerkv.num_groups or num_attention_layers(settings.model)
+        kwargs["num_gpu_blocks_override"] = settings.num_kv_blocks * groups
     if settings.layerkv is not None:
         kwargs.update(engine_overrides(settings.layerkv))
     kwargs.update(overrides)
     return AsyncEngineArgs(**kwargs)
+
+
+def num_attention_layers(model: str) -> int:
+    """Attention layers of a Hugging Face model directory (its config.json)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model).num_hidden_layers
 
 
 def sampling_params(
