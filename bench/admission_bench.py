@@ -447,10 +447,11 @@ def main(argv: list[str] | None = None) -> int:
             # No holding in admission (--max-hold-factor 0): every request goes to the
             # worker at once, so the prediction has to foresee all the worker-side wait.
             # The decision log keeps the worker state behind each prediction.
+            decision_log = log_dir / f"decisions-{config}.jsonl"
+            decision_log.unlink(missing_ok=True)  # the admission appends
             forwarder = admission_proc(
-                [worker], "--max-hold-factor", "0",
-                "--decision-log", str(log_dir / f"decisions-{config}.jsonl"),
-            )  # fmt: skip
+                [worker], "--max-hold-factor", "0", "--decision-log", str(decision_log)
+            )
             acc = asyncio.run(accuracy(forwarder.address, dur, peak, args.seed))
             forwarder.stop()
             worker.stop()

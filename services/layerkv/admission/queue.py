@@ -42,6 +42,7 @@ class QueuedRequest:
     prompt_tokens: int = 0
     max_tokens: int = 1
     client_deadline: float | None = None  # monotonic; None = the client set none
+    tpot_target_s: float | None = None  # once it decodes (the dispatch TPOT guard)
     late: bool = False
     payload: object = field(default=None, repr=False)  # what the adapter needs back
     seq: int = -1  # set by the queue

@@ -7,7 +7,8 @@
   first token, and the capacity goes to requests that can still make it.
 * Otherwise the request waits in the admission queue until :func:`dispatch_verdict`
   lets it go: when some worker can start it at once, or just before it must go to
-  meet its deadline. Holding requests here rather than in the workers' FIFO queues
+  meet its deadline; and only to a worker whose decoding requests' TPOT slack covers
+  its prefill (:func:`tpot_room`). Holding requests here rather than in the workers' FIFO queues
   lets urgent requests overtake and routes each request late, to whichever worker
   frees up first.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from layerkv.admission.queue import QueuedRequest
 from layerkv.admission.ttft import TtftPrediction
+from layerkv.policy.slack import DecodeProgress, min_slack
 
 
 class MissPolicy(enum.Enum):
@@ -130,6 +132,20 @@ def dispatch_verdict(
     if not item.late and best.ttft_s - best.wait_s > item.deadline - now:
         return Verdict.LATE
     return Verdict.WAIT
+
+
+def tpot_room(
+    running: Iterable[DecodeProgress],
+    now: float,
+    decode_step_s: float,
+    queued_prefill_s: float = 0.0,
+) -> float:
+    """Prefill time a worker can still take without its decoding requests missing
+    their TPOT targets: their smallest TPOT slack (``policy/slack.py``, the rule the
+    LayerKV engine scheduler applies to early admissions), less the prefills already
+    queued there. Every prefill stalls every decode on the worker once, so a request
+    whose prefill does not fit waits here rather than break the others' targets."""
+    return min_slack(running, now, decode_step_s) - queued_prefill_s
 
 
 def deadline_for(arrival: float, ttft_target_s: float, client_deadline: float | None) -> float:

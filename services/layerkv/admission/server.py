@@ -35,6 +35,7 @@ from layerkv.admission.routing import (
     dispatch_verdict,
     retry_after_s,
     should_reject,
+    tpot_room,
 )
 from layerkv.admission.slo_classes import SloCatalog
 from layerkv.admission.ttft import TtftPrediction, WorkerSnapshot, predict_ttft
@@ -201,6 +202,7 @@ class AdmissionService:
         now = time.monotonic()
         routable = self.pool.routable(now)
         snaps = {w.address: w.snapshot(self.pool.prior) for w in routable}
+        rooms = {w.address: self._tpot_room(w, snaps[w.address], now) for w in routable}
         for i, item in enumerate(self.queue):
             if i >= _DISPATCH_SCAN:
                 break
@@ -212,21 +214,26 @@ class AdmissionService:
                 predict_ttft(snaps[w.address], item.prompt_tokens, item.max_tokens)
                 for w in routable
             ]
-            best = best_prediction(preds)
+            # Only workers whose decoding requests can absorb this prefill.
+            best = best_prediction(p for p in preds if p.prefill_s <= rooms[p.worker])
             verdict = dispatch_verdict(item, best, now)
             if (
                 verdict in (Verdict.WAIT, Verdict.LATE)
-                and best is not None
+                and preds
                 and now - item.arrival >= self.max_hold_factor * item.ttft_target_s
             ):
+                best = best or best_prediction(preds)
                 verdict = Verdict.DISPATCH
             if verdict is Verdict.DISPATCH:
                 self.queue.remove(item)
                 worker = next(w for w in routable if w.address == best.worker)
-                worker.dispatched(item.request_id, item.prompt_tokens, item.max_tokens)
+                worker.dispatched(
+                    item.request_id, item.prompt_tokens, item.max_tokens, item.tpot_target_s
+                )
                 if self.decision_log is not None:
                     self._log_decision(item, worker, snaps[worker.address], best, now)
                 snaps[worker.address] = worker.snapshot(self.pool.prior)
+                rooms[worker.address] -= best.prefill_s
                 future.set_result(_Routed(worker, best, now, now - item.arrival))
             elif verdict is Verdict.EXPIRED:
                 self.queue.remove(item)
@@ -240,6 +247,17 @@ class AdmissionService:
             elif verdict is Verdict.LATE:
                 self.queue.mark_late(item)
         self._queue_metrics()
+
+    @staticmethod
+    def _tpot_room(worker: WorkerEndpoint, snap: WorkerSnapshot, now: float) -> float:
+        lat = snap.latency
+        return tpot_room(
+            worker.decode_progress(),
+            now,
+            # One more request decoding: the step it would make everyone take.
+            lat.decode_step(len(snap.running) + 1),
+            sum(lat.prefill_s(r.prompt_tokens) for r in snap.waiting),
+        )
 
     def _log_decision(
         self,
@@ -295,6 +313,7 @@ class AdmissionService:
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
             client_deadline=client_deadline,
+            tpot_target_s=target.tpot_s,
             payload=asyncio.get_running_loop().create_future(),
         )
         try:
@@ -309,7 +328,8 @@ class AdmissionService:
                     admission_pb2.DECISION_KIND_QUEUED,
                     best,
                     queue_position=self.queue.position(item),
-                    reason="no worker can meet the TTFT target now",
+                    reason="no worker can start it now within its TTFT target and the "
+                    "running requests' TPOT targets",
                     prompt_tokens=prompt_tokens,
                 )
             yield await item.payload

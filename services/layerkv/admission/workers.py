@@ -32,6 +32,7 @@ from layerkv.admission import metrics
 from layerkv.admission.ttft import KvState, RequestLoad, WorkerSnapshot, cdiv
 from layerkv.common.latency_model import LatencyCoefficients
 from layerkv.common.serving import KEEPALIVE_CLIENT_OPTIONS
+from layerkv.policy.slack import DecodeProgress
 from layerkv.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class LocalRequest:
     dispatched_at: float
     output_tokens: int = 0
     started: bool = False
+    tpot_target_s: float | None = None
+    first_token_at: float | None = None  # monotonic
 
 
 @dataclass
@@ -176,14 +179,37 @@ class WorkerEndpoint:
 
     # -- local bookkeeping --------------------------------------------------------------
 
-    def dispatched(self, request_id: str, prompt_tokens: int, max_tokens: int) -> None:
-        self.local[request_id] = LocalRequest(prompt_tokens, max_tokens, time.monotonic())
+    def dispatched(
+        self,
+        request_id: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        tpot_target_s: float | None = None,
+    ) -> None:
+        self.local[request_id] = LocalRequest(
+            prompt_tokens, max_tokens, time.monotonic(), tpot_target_s=tpot_target_s
+        )
 
     def streamed(self, request_id: str, tokens: int) -> None:
         mine = self.local.get(request_id)
         if mine is not None:
+            if not mine.started:
+                mine.first_token_at = time.monotonic()
             mine.started = True
             mine.output_tokens += tokens
+
+    def decode_progress(self) -> list[DecodeProgress]:
+        """The TPOT state of the requests this service has decoding on the worker."""
+        return [
+            DecodeProgress(
+                tpot_target_s=r.tpot_target_s,
+                output_tokens=r.output_tokens,
+                first_token_time_s=r.first_token_at,
+                remaining_tokens=max(r.max_tokens - r.output_tokens, 0),
+            )
+            for r in self.local.values()
+            if r.started
+        ]
 
     def finished(self, request_id: str) -> None:
         if self.local.pop(request_id, None) is not None:

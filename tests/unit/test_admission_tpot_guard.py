@@ -1,0 +1,127 @@
+"""The dispatch TPOT guard: a request goes only to a worker whose decoding requests'
+TPOT slack covers its prefill (``routing.tpot_room``, applied in
+``AdmissionService.dispatch``). Worker state is set by hand; no network is used."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import pytest
+
+from layerkv.admission.outcomes import OutcomeRecorder
+from layerkv.admission.queue import QueuedRequest
+from layerkv.admission.routing import tpot_room
+from layerkv.admission.server import AdmissionService
+from layerkv.admission.slo_classes import SloCatalog
+from layerkv.admission.workers import WorkerPool
+from layerkv.common.slo import SloTarget
+from layerkv.policy.slack import DecodeProgress
+from layerkv.v1 import worker_pb2
+
+# Prefill 10 ms + 0.1 ms per token; decode step 10 ms.
+LOAD = dict(
+    kv_blocks_total=200,
+    kv_blocks_free=200,
+    config=worker_pb2.EngineConfig(block_size=32),
+    max_num_seqs=16,
+    prefill_s_coeffs=[0.01, 1e-4, 0.0],
+    decode_step_s=0.010,
+    latency_samples=10,
+)
+
+
+def test_tpot_room_is_the_smallest_slack_less_queued_prefills():
+    now = 100.0
+    # 10 tokens in 0.09 s at a 20 ms target, 10 to go at 5 ms: budget 19 x 0.02 =
+    # 0.38, spent 0.09, future 0.05 -> 0.24 s of slack.
+    tight = DecodeProgress(0.02, 10, now - 0.09, 10)
+    loose = DecodeProgress(1.0, 10, now - 0.09, 10)
+    assert tpot_room([tight, loose], now, 0.005) == pytest.approx(0.24)
+    assert tpot_room([tight], now, 0.005, queued_prefill_s=0.04) == pytest.approx(0.20)
+    assert tpot_room([], now, 0.005) == math.inf  # nothing decoding: no limit
+
+
+async def service_with(
+    loads: dict[str, list[tuple[str, float, int]]], queued_prompts: dict[str, int] | None = None
+) -> AdmissionService:
+    """Workers with the given decoding requests: (id, TPOT target, tokens so far),
+    each started 10 ms per token ago and going to 100 tokens; and optionally one
+    queued prompt of the given length."""
+    pool = WorkerPool(list(loads))
+    service = AdmissionService(
+        pool, SloCatalog([SloTarget("c", 1.0, 0.02)], None), OutcomeRecorder(None)
+    )
+    now = time.monotonic()
+    for w in pool.workers:
+        running = loads[w.address]
+        waiting = []
+        if queued_prompts and w.address in queued_prompts:
+            waiting = [
+                worker_pb2.RequestProgress(
+                    request_id="q", prompt_tokens=queued_prompts[w.address], max_tokens=10
+                )
+            ]
+        w.load = worker_pb2.WorkerLoad(
+            running=len(running), waiting=len(waiting), requests=waiting, **LOAD
+        )
+        w.load_at, w.reachable = now, True
+        for rid, tpot, tokens in running:
+            w.dispatched(rid, 100, 100, tpot)
+            w.streamed(rid, tokens)
+            w.local[rid].first_token_at = now - 0.01 * tokens
+    return service
+
+
+def queued(
+    service: AdmissionService, rid: str, prompt_tokens: int, ttft_s: float = 1.0
+) -> QueuedRequest:
+    now = time.monotonic()
+    item = QueuedRequest(
+        rid, "c", now, now + ttft_s, ttft_s, prompt_tokens=prompt_tokens, max_tokens=10,
+        tpot_target_s=0.02, payload=asyncio.get_running_loop().create_future(),
+    )  # fmt: skip
+    service.queue.push(item)
+    return item
+
+
+async def test_a_prefill_goes_to_the_worker_whose_decodes_can_absorb_it():
+    # On "tight:1" a request 19 intervals in at 12 ms, 80 to go at 10 ms, against an
+    # 11.5 ms target, has 99 x 11.5 - 228 - 800 = 110 ms of slack: a 1500-token
+    # prefill (160 ms) would break it. "idle:1" decodes nothing but has a prompt
+    # queued, so without the guard "tight:1" would predict the sooner first token.
+    service = await service_with(
+        {"tight:1": [("t", 0.0115, 20)], "idle:1": []}, queued_prompts={"idle:1": 800}
+    )
+    service.pool.workers[0].local["t"].first_token_at = time.monotonic() - 0.012 * 19
+    try:
+        preds = {p.worker: p for p in service.predictions(1500, 10)}
+        assert preds["tight:1"].ttft_s < preds["idle:1"].ttft_s
+        # Due in 0.4 s: too close to wait for a worker that could start it at once.
+        item = queued(service, "long", 1500, ttft_s=0.4)
+        service.dispatch()
+        assert item.payload.done() and item.payload.result().worker.address == "idle:1"
+        # A short prompt (20 ms) fits in the tight worker's slack: either may take it.
+        small = queued(service, "short", 100)
+        service.dispatch()
+        assert small.payload.done()
+    finally:
+        await service.pool.close()
+
+
+async def test_a_prefill_no_worker_can_absorb_waits_in_admission():
+    # 30 tokens at 10 ms against 10.5 ms, 70 to go at 10 ms: 40 ms of slack each.
+    service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
+    try:
+        item = queued(service, "long", 1500)
+        service.dispatch()
+        assert not item.payload.done() and len(service.queue) == 1
+        # The decoding requests finish: it goes.
+        for w in service.pool.workers:
+            for rid in list(w.local):
+                w.finished(rid)
+        service.dispatch()
+        assert item.payload.done()
+    finally:
+        await service.pool.close()
