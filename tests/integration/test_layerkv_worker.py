@@ -12,6 +12,7 @@ import urllib.request
 import grpc
 import pytest
 
+from layerkv.plugin import LayerKVSettings
 from layerkv.tools import local_stack
 from layerkv.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -76,6 +77,7 @@ async def test_layerkv_worker_is_lossless_and_reports_offload(layerkv_worker, wo
         stub = worker_pb2_grpc.WorkerStub(channel)
         before = await stub.GetLoad(worker_pb2.GetLoadRequest())
         assert before.layerkv and before.kv_groups == 8 and before.min_resident_groups == 0
+        assert before.reserve_requests == LayerKVSettings().reserve_requests > 0
 
         got = await asyncio.gather(*(generate(stub, ids, out) for ids, out in prompts))
         expected = [await direct_tokens(worker.engine, ids, out) for ids, out in prompts]

@@ -79,6 +79,18 @@ def test_layerkv_starts_with_fewer_resident_groups_instead_of_waiting():
     assert lkv.ttft_s < stock.ttft_s
 
 
+def test_layerkv_keeps_room_for_more_requests_as_its_scheduler_does():
+    # 100 free blocks hold the 320-token prompt all resident (80), but the engine
+    # scheduler keeps room for reserve_requests more with min_resident_groups = 1
+    # ((1 + 1) lists x 10 blocks each): it starts this one with fewer groups.
+    kv = dict(groups=8, layerkv=True, min_resident_groups=1, host_blocks_free=1000)
+    alone = predict_ttft(snap(free=100, total=600, **kv), 320)
+    assert alone.resident_groups == 8
+    room = predict_ttft(snap(free=100, total=600, reserve_requests=2, **kv), 320)
+    assert room.resident_groups == 5  # (5 + 1) x 10 + 2 x 20 = 100
+    assert room.kv_wait_s == 0
+
+
 def test_layerkv_needs_host_memory_for_the_offloaded_groups():
     running = [RequestLoad(2000, 100, 0, True)]
     kv = dict(groups=8, layerkv=True, min_resident_groups=1, host_blocks_free=5)

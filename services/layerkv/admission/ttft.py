@@ -24,6 +24,7 @@ import heapq
 from dataclasses import dataclass
 
 from layerkv.common.latency_model import LatencyCoefficients
+from layerkv.policy.sizing import max_resident_groups, residency_leaving_room
 
 
 def cdiv(a: int, b: int) -> int:
@@ -56,6 +57,8 @@ class KvState:
     layerkv: bool = False
     min_resident_groups: int = 1
     host_blocks_free: int = 0
+    # LayerKV keeps room for this many more requests when it offloads (see _plan).
+    reserve_requests: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,18 +101,30 @@ def _blocks(tokens: int, kv: KvState, resident: int) -> int:
     return lists * per_group
 
 
-def _plan(tokens: int, free: int, host_free: int, kv: KvState) -> int | None:
+def _plan(tokens: int, free: int, host_free: int, kv: KvState, next_tokens: int = 0) -> int | None:
     """Resident groups a request of ``tokens`` starts with given ``free`` blocks, or
-    None when it must wait. All groups if they fit; else, with LayerKV, the most that
-    fit (at least ``min_resident_groups``) if host memory takes the rest."""
-    if _blocks(tokens, kv, kv.groups) <= free:
-        return kv.groups
-    if not kv.layerkv or kv.groups <= 1:
-        return None
+    None when it must wait. Stock vLLM: all groups if they fit. LayerKV: the engine
+    scheduler's rule (``policy/sizing.py``, shared): all groups unless that leaves no
+    room for the next waiting request (``next_tokens``) and ``reserve_requests`` more;
+    else the most that fit within that room (at least ``min_resident_groups``), if host
+    memory takes the rest."""
+    layerkv = kv.layerkv and kv.groups > 1
     per_group = cdiv(max(tokens, 1), kv.block_size)
-    best = min(kv.groups - 1, free // per_group - 1)
-    if best < kv.min_resident_groups:
+    cap = None
+    if layerkv:
+        cap = residency_leaving_room(
+            free, kv.groups, per_group, cdiv(max(next_tokens or tokens, 1), kv.block_size),
+            kv.min_resident_groups, max(kv.reserve_requests, 1 if next_tokens else 0),
+        )  # fmt: skip
+    if cap is None and _blocks(tokens, kv, kv.groups) <= free:
+        return kv.groups
+    if not layerkv:
         return None
+    best = max_resident_groups(free, kv.groups, per_group, kv.min_resident_groups)
+    if best is None:
+        return None
+    if cap is not None:
+        best = min(best, cap)
     if (kv.groups - best) * per_group > host_free:
         return None
     return best
@@ -145,8 +160,9 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
 
     for qi, req in enumerate(queue):
         is_new = qi == len(queue) - 1
+        following = queue[qi + 1].prompt_tokens if qi + 1 < len(queue) else 0
         while True:
-            resident = _plan(req.prompt_tokens, free, host_free, kv)
+            resident = _plan(req.prompt_tokens, free, host_free, kv, following)
             if resident is not None and len(running) < snap.max_num_seqs:
                 break
             if not running:

@@ -166,6 +166,7 @@ class WorkerEndpoint:
             layerkv=load.layerkv,
             min_resident_groups=load.min_resident_groups,
             host_blocks_free=load.host_kv_blocks_free,
+            reserve_requests=load.reserve_requests,
         )
         return WorkerSnapshot(
             address=self.address,

@@ -208,6 +208,7 @@ class WorkerService:
             layerkv=True,
             kv_groups=settings.num_groups or self.num_layers,
             min_resident_groups=settings.min_resident_groups,
+            reserve_requests=settings.reserve_requests,
             host_kv_blocks_free=max(lkv.host_blocks_total - lkv.host_blocks_used, 0),
             host_kv_blocks_total=lkv.host_blocks_total,
             offloaded_requests=lkv.requests_with_offloaded_layers,
