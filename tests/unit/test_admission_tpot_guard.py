@@ -125,3 +125,15 @@ async def test_a_prefill_no_worker_can_absorb_waits_in_admission():
         assert item.payload.done()
     finally:
         await service.pool.close()
+
+
+async def test_a_request_due_now_goes_even_without_room():
+    # Same two tight workers, but the request is due in 0.3 s: waiting for room would
+    # miss its own target, so it runs at once, as stock vLLM would run it.
+    service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
+    try:
+        item = queued(service, "due", 1500, ttft_s=0.3)
+        service.dispatch()
+        assert item.payload.done()
+    finally:
+        await service.pool.close()

@@ -7,10 +7,10 @@
   first token, and the capacity goes to requests that can still make it.
 * Otherwise the request waits in the admission queue until :func:`dispatch_verdict`
   lets it go: when some worker can start it at once, or just before it must go to
-  meet its deadline; and only to a worker whose decoding requests' TPOT slack covers
-  its prefill (:func:`tpot_room`). Holding requests here rather than in the workers' FIFO queues
-  lets urgent requests overtake and routes each request late, to whichever worker
-  frees up first.
+  meet its deadline; and preferably to a worker whose decoding requests' TPOT slack
+  covers its prefill (:func:`tpot_room`, :func:`route_verdict`). Holding requests
+  here rather than in the workers' FIFO queues lets urgent requests overtake and
+  routes each request late, to whichever worker frees up first.
 """
 
 from __future__ import annotations
@@ -146,6 +146,33 @@ def tpot_room(
     queued there. Every prefill stalls every decode on the worker once, so a request
     whose prefill does not fit waits here rather than break the others' targets."""
     return min_slack(running, now, decode_step_s) - queued_prefill_s
+
+
+def route_verdict(
+    item: QueuedRequest,
+    predictions: Iterable[TtftPrediction],
+    rooms: dict[str, float],
+    now: float,
+    margin_s: float = DISPATCH_MARGIN_S,
+) -> tuple[Verdict, TtftPrediction | None]:
+    """Where and whether a queued request goes now, TPOT-aware.
+
+    Among workers whose decoding requests can absorb its prefill (``rooms``, from
+    :func:`tpot_room`) the usual :func:`dispatch_verdict` applies. When none can, it
+    waits for room while it can afford to; once waiting longer would make it miss its
+    own TTFT target, it goes to the best worker anyway (as stock vLLM would run it):
+    its own target is not sacrificed to others' TPOT. A request already past its
+    deadline waits for room."""
+    preds = list(predictions)
+    roomy = best_prediction(p for p in preds if p.prefill_s <= rooms.get(p.worker, math.inf))
+    if roomy is not None:
+        return dispatch_verdict(item, roomy, now, margin_s), roomy
+    best = best_prediction(preds)
+    verdict = dispatch_verdict(item, best, now, margin_s)
+    can_wait = best is not None and (item.late or item.deadline - now - best.ttft_s >= margin_s)
+    if verdict is Verdict.DISPATCH and best is not None and best.fits and can_wait:
+        return Verdict.WAIT, best
+    return verdict, best
 
 
 def deadline_for(arrival: float, ttft_target_s: float, client_deadline: float | None) -> float:

@@ -34,6 +34,7 @@ from layerkv.admission.routing import (
     deadline_for,
     dispatch_verdict,
     retry_after_s,
+    route_verdict,
     should_reject,
     tpot_room,
 )
@@ -214,15 +215,12 @@ class AdmissionService:
                 predict_ttft(snaps[w.address], item.prompt_tokens, item.max_tokens)
                 for w in routable
             ]
-            # Only workers whose decoding requests can absorb this prefill.
-            best = best_prediction(p for p in preds if p.prefill_s <= rooms[p.worker])
-            verdict = dispatch_verdict(item, best, now)
+            verdict, best = route_verdict(item, preds, rooms, now)
             if (
                 verdict in (Verdict.WAIT, Verdict.LATE)
-                and preds
+                and best is not None
                 and now - item.arrival >= self.max_hold_factor * item.ttft_target_s
             ):
-                best = best or best_prediction(preds)
                 verdict = Verdict.DISPATCH
             if verdict is Verdict.DISPATCH:
                 self.queue.remove(item)
