@@ -67,8 +67,9 @@ def workers(model_dir, log_dir):
             log_dir=log_dir,
             extra_args=WORKER_ARGS,
             name=f"kvworker-{i}",
+            cpus=cpus,
         )
-        for i in range(2)
+        for i, cpus in enumerate(local_stack.engine_cpus(2))
     ]
     try:
         for p in procs:
@@ -161,6 +162,43 @@ async def no_room_for(stub, n_prompt: int) -> bool:
 def kv_full(service, address) -> bool:
     load = endpoint(service, address).load
     return load is not None and load.kv_blocks_free < 12 and load.running >= 4
+
+
+async def test_routing_prefers_the_worker_with_free_kv(admission, stub, workers):
+    service, _ = admission
+    full, free = workers[0].address, workers[1].address
+    occupier = Occupier(full)
+    try:
+        # Wait until admission *sees* the full worker (its poll), not for a fixed time.
+        # The occupiers grow past the cache and vLLM preempts and recomputes them, so
+        # the full worker's free blocks come and go: wait for a prediction made while
+        # they were gone.
+        async def predicted_kv_wait_on_full():
+            if not kv_full(service, full):
+                return None
+            prediction = await stub.Predict(gen_request(600, slo_class="tight"))
+            by_worker = {w.worker: w for w in prediction.workers}
+            return (prediction, by_worker) if by_worker[full].kv_wait_s > 0 else None
+
+        prediction, by_worker = await wait_until(
+            predicted_kv_wait_on_full, timeout_s=60, what="a predicted KV wait on the full worker"
+        )
+        assert by_worker[free].kv_wait_s == 0
+        assert by_worker[full].predicted_ttft_s > by_worker[free].predicted_ttft_s
+        assert prediction.decision.worker == free
+        # Round-robin would alternate; every one goes to the worker with free KV.
+        for _ in range(3):
+            decisions, n, completion = await run(stub, gen_request(600, 4))
+            assert occupier.running()
+            assert n == 4 and completion.worker == free, (
+                decisions,
+                endpoint(service, full).load,
+                await stub.Predict(gen_request(600)),
+            )
+            assert decisions[-1].kind == admission_pb2.DECISION_KIND_ADMITTED
+            assert decisions[-1].worker == free and decisions[-1].predicted_ttft_s > 0
+    finally:
+        await occupier.close()
 
 
 async def test_reject_policy_answers_resource_exhausted_with_retry_after(
@@ -304,3 +342,57 @@ async def test_frozen_worker_leaves_routing_and_comes_back(admission, stub, work
         timeout_s=15,
         what="the worker to be back in routing once it answers",
     )
+
+
+async def test_worker_killed_mid_run_is_routed_around(admission, stub, workers, redis_server):
+    """Last in the module: it kills a worker."""
+    service, _ = admission
+    victim, survivor = workers
+    # Fill the survivor's KV so that admission puts long prompts on the victim.
+    occupier = Occupier(survivor.address)
+    try:
+        await wait_until(
+            lambda: kv_full(service, survivor.address), timeout_s=120, what="survivor KV full"
+        )
+        rids = [f"kill-{uuid.uuid4().hex[:6]}-{i}" for i in range(2)]
+        # 1400 output tokens (the most max_model_len allows): still streaming at the kill.
+        calls = [stub.Generate(gen_request(600, 1400, request_id=r)) for r in rids]
+        first_events = [await c.read() for c in calls]  # the ADMITTED decisions
+    finally:
+        await occupier.close()
+    assert [e.decision.worker for e in first_events] == [victim.address] * 2
+    on_victim = list(zip(calls, rids, strict=True))
+
+    async def tokens_flowing(call):
+        msg = await call.read()
+        return msg.HasField("tokens")
+
+    for call, _ in on_victim:
+        assert await tokens_flowing(call)
+    os.killpg(victim.popen.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    for call, _ in on_victim:
+        seen, last = 0, None
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async with asyncio.timeout(30):
+                while True:
+                    msg = await call.read()
+                    assert msg is not grpc.aio.EOF, (
+                        f"stream ended without an error, {seen} messages after the kill "
+                        f"({time.monotonic() - killed:.2f} s), the last: {last}"
+                    )
+                    seen, last = seen + 1, msg
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert victim.address in err.value.details() and "failed after" in err.value.details()
+    assert time.monotonic() - killed < 20
+    await wait_until(
+        lambda: victim.address not in {w.address for w in service.pool.routable()},
+        what="the dead worker out of routing",
+    )
+    for _ in range(3):
+        _, n, completion = await run(stub, gen_request(100, 2))
+        assert n == 2 and completion.worker == survivor.address
+    store = MetricsStore.from_url(redis_server.extra["url"])
+    for _, rid in on_victim:
+        await wait_until(lambda rid=rid: store.get_outcome(rid), what="the failed outcome")
+        assert store.get_outcome(rid)["status"] == "error"
