@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "send a queued request anyway after this many TTFT targets",
         type=float,
     )
+    env_flag(
+        p, "--no-tpot-guard", "LAYERKV_NO_TPOT_GUARD", False,
+        "send requests without checking running requests' TPOT slack", action="store_true",
+    )  # fmt: skip
     env_flag(p, "--poll-interval-s", "LAYERKV_POLL_INTERVAL_S", 0.1, "worker poll", type=float)
     env_flag(p, "--stale-after-s", "LAYERKV_STALE_AFTER_S", 3.0, "worker state max age", type=float)
     env_flag(p, "--drain-timeout", "LAYERKV_DRAIN_TIMEOUT_S", 30.0, "seconds to drain", type=float)
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         queue_capacity=args.queue_capacity,
         queue_policy=args.queue_policy,
         max_hold_factor=args.max_hold_factor,
+        tpot_guard=not args.no_tpot_guard,
         poll_interval_s=args.poll_interval_s,
         stale_after_s=args.stale_after_s,
         decision_log=args.decision_log,

@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -137,6 +138,7 @@ class AdmissionService:
         queue_policy: str = "edf",
         max_hold_factor: float = 4.0,
         decision_log: TextIO | None = None,
+        tpot_guard: bool = True,
     ) -> None:
         self.pool = pool
         self.catalog = catalog
@@ -153,6 +155,9 @@ class AdmissionService:
         # JSON lines, one per dispatch: the worker state the prediction was made from and
         # the prediction, so a wrong one can be replayed offline (``--decision-log``).
         self.decision_log = decision_log
+        # Send a request only where the decoding requests' TPOT slack covers its
+        # prefill (routing.route_verdict); off: TTFT alone decides.
+        self.tpot_guard = tpot_guard
         pool.on_update = self.dispatch
 
     def start(self) -> None:
@@ -203,7 +208,10 @@ class AdmissionService:
         now = time.monotonic()
         routable = self.pool.routable(now)
         snaps = {w.address: w.snapshot(self.pool.prior) for w in routable}
-        rooms = {w.address: self._tpot_room(w, snaps[w.address], now) for w in routable}
+        rooms = {
+            w.address: self._tpot_room(w, snaps[w.address], now) if self.tpot_guard else math.inf
+            for w in routable
+        }
         for i, item in enumerate(self.queue):
             if i >= _DISPATCH_SCAN:
                 break
@@ -677,6 +685,7 @@ class AdmissionSettings:
     poll_interval_s: float = 0.1
     stale_after_s: float = 3.0
     decision_log: str = ""  # path of a JSON-lines log of every dispatch ('' = none)
+    tpot_guard: bool = True
 
 
 def build_service(settings: AdmissionSettings) -> AdmissionService:
@@ -706,6 +715,7 @@ def build_service(settings: AdmissionSettings) -> AdmissionService:
         queue_policy=settings.queue_policy,
         max_hold_factor=settings.max_hold_factor,
         decision_log=decisions,
+        tpot_guard=settings.tpot_guard,
     )
 
 
