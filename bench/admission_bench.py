@@ -291,21 +291,23 @@ def added_latency(worker_addr: str, admission_addr: str, requests: int) -> dict:
             ),
         }
 
-        def ttft(stream) -> float:
+        def ttft(start_call) -> float:
+            # Timed from before the call starts: a sync stub sends the request when
+            # called, so a clock started afterwards misses part of the latency.
             start = time.perf_counter()
             first = None
-            for resp in stream:
+            for resp in start_call():
                 if first is None and resp.HasField("tokens"):
                     first = time.perf_counter()
             return first - start
 
         for call in paths.values():
             for _ in range(10):
-                ttft(call())
+                ttft(call)
         samples = {"direct": [], "admission": []}
         for i in range(requests * 2):
             name = ("direct", "admission")[(i + i // 2) % 2]
-            samples[name].append(ttft(paths[name]()))
+            samples[name].append(ttft(paths[name]))
     return {
         "added_latency_p50_ms": (pct(samples["admission"], 50) - pct(samples["direct"], 50)) * 1000,
         "added_latency_p99_ms": (pct(samples["admission"], 99) - pct(samples["direct"], 99)) * 1000,
