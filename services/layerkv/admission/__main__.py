@@ -123,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     if not workers:
         print("error: --workers is empty", file=sys.stderr)
         return 2
+    if args.decision_log:
+        try:
+            open(args.decision_log, "a").close()
+        except OSError as e:
+            print(f"error: --decision-log {args.decision_log!r}: {e.strerror}", file=sys.stderr)
+            return 2
     if args.default_ttft_ms <= 0 or args.default_tpot_ms <= 0:
         print("error: --default-ttft-ms and --default-tpot-ms must be > 0", file=sys.stderr)
         return 2
