@@ -276,6 +276,7 @@ class AdmissionService:
         entry = {
             "request_id": item.request_id,
             "at": now,
+            "held_s": now - item.arrival,  # in the admission queue before this dispatch
             "prompt_tokens": item.prompt_tokens,
             "max_tokens": item.max_tokens,
             # The worker's last report as received, and the snapshot made from it.

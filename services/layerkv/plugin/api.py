@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from layerkv.plugin import vllm_adapter as va
@@ -12,10 +13,13 @@ def engine_overrides(settings: LayerKVSettings | None = None) -> dict[str, Any]:
     """Extra ``AsyncEngineArgs`` keyword arguments that switch LayerKV on.
 
     Everything else (model, KV cap, ...) stays the worker's, so a LayerKV engine and a
-    stock one differ only by these arguments."""
+    stock one differ only by these arguments -- and by no CPU binding: this also sets
+    the CPU reservation in this process's environment, which the engine processes
+    inherit (``vllm_adapter.keep_stock_cpu_reservation``)."""
     from vllm.config import KVTransferConfig
 
     settings = settings or LayerKVSettings()
+    va.keep_stock_cpu_reservation(os.environ)
     return {
         "kv_transfer_config": KVTransferConfig(
             kv_connector=va.CONNECTOR_CLASS,

@@ -78,6 +78,22 @@ SETTINGS_KEY = "layerkv"
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
+# vLLM's CPU backend reserves, with "auto" thread binding, one core per engine rank for
+# the scheduler process plus one more whenever a KV connector is configured (NIXL runs
+# its transfer thread there). LayerKV's copies run on the model thread itself, so that
+# second core is not needed; reserving it took the last free core on a 2-core machine,
+# and vLLM then bound its compute threads to *every* core (measured: the OpenMP threads
+# spun at ~170% CPU and starved the worker's own frontend for up to 1.7 s).
+CPU_RESERVED_CORES_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+
+
+def keep_stock_cpu_reservation(environ: dict[str, str]) -> None:
+    """Make a LayerKV engine reserve the cores a stock one does (one, for the engine's
+    scheduler process at tensor-parallel size 1), unless the operator chose a number.
+    ``environ`` is the environment the engine processes will be started with."""
+    environ.setdefault(CPU_RESERVED_CORES_ENV, "1")
+
+
 def layer_index(layer_name: str) -> int:
     """Model layer index of an attention layer name (``model.layers.3.self_attn.attn``)."""
     match = _LAYER_INDEX.search(layer_name)

@@ -6,6 +6,7 @@ engine (closing the ``engine.generate`` generator does that)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -236,6 +237,15 @@ async def start_server(service: WorkerService, host: str, port: int) -> serving.
     return await serving.start_grpc_server(SERVICE, service, [worker_pb2, common_pb2], host, port)
 
 
+def freeze_startup_heap() -> None:
+    """Move everything allocated while loading (torch, vLLM, the engine client: ~600k
+    objects) out of the garbage collector's reach, as vLLM's own API server does.
+    Without it every full collection walks them all: measured 0.37-0.81 s pauses of this
+    process mid-run, during which no token reached any client."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(engine_settings: EngineSettings, server_settings: ServerSettings) -> None:
     """Run until SIGTERM/SIGINT, then drain: refuse new calls, finish running ones
     (up to ``drain_timeout_s``), shut the engine down."""
@@ -249,6 +259,7 @@ async def serve(engine_settings: EngineSettings, server_settings: ServerSettings
     log.info("loading engine for %s", engine_settings.model)
     engine, stats = await asyncio.to_thread(start_engine, engine_settings)
     service.attach(engine, stats)
+    freeze_startup_heap()
     if engine_settings.layerkv is not None:
         metrics.register_layerkv_collector(stats)
     await running.set_serving(True)
