@@ -68,6 +68,17 @@ def test_queue_ahead_adds_their_prefill():
     assert p.queue_s == pytest.approx(0.21) and p.prefill_s == pytest.approx(0.02)
 
 
+def test_a_shared_prefill_step_pays_attention_per_prompt():
+    # Attention is quadratic per request: three prompts in one step cost
+    # a + b*(P1+P2+P3) + c*(P1^2+P2^2+P3^2), not c*(P1+P2+P3)^2 (which predicted twice
+    # the measured step for three ~600-token prompts).
+    lat = LatencyCoefficients(prefill_a_s=0.01, prefill_b_s=1e-4, prefill_c_s=1e-7)
+    waiting = (RequestLoad(600, 10), RequestLoad(500, 10))
+    s = WorkerSnapshot("w", KvState(32, 100, 100), lat, waiting=waiting)
+    p = predict_ttft(s, 400)
+    assert p.ttft_s == pytest.approx(0.01 + 1500 * 1e-4 + (600**2 + 500**2 + 400**2) * 1e-7)
+
+
 def test_layerkv_starts_with_fewer_resident_groups_instead_of_waiting():
     running = [RequestLoad(prompt_tokens=2000, max_tokens=1000, output_tokens=0, started=True)]
     # 8 groups: a 320-token prompt (10 blocks per group) needs 80 blocks all resident.

@@ -199,9 +199,7 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
             step_start = t
             step_cost = lat.prefill_s(req.prompt_tokens)
         else:
-            step_cost = lat.prefill_s(batch_tokens + req.prompt_tokens) - lat.prefill_s(
-                batch_tokens
-            )
+            step_cost = lat.prefill_added_s(req.prompt_tokens)
         batch_tokens += req.prompt_tokens
         # The step also advances every running request by one token.
         step_cost += lat.decode_step_s_per_seq * len(running)

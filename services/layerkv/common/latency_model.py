@@ -36,6 +36,13 @@ class LatencyCoefficients:
         p = float(prompt_tokens)
         return max(0.0, self.prefill_a_s + self.prefill_b_s * p + self.prefill_c_s * p * p)
 
+    def prefill_added_s(self, prompt_tokens: int) -> float:
+        """What one more prompt adds to a step already prefilling others: its tokens'
+        work and its own attention, but not the step's fixed cost again. Attention is
+        per request, so a shared step costs ``c * sum(P_i^2)``, not ``c * sum(P_i)^2``."""
+        p = float(prompt_tokens)
+        return max(0.0, self.prefill_b_s * p + self.prefill_c_s * p * p)
+
     def decode_step(self, running: int) -> float:
         return max(0.0, self.decode_step_s + self.decode_step_s_per_seq * running)
 
