@@ -232,7 +232,10 @@ async def goodput(workers: list[str], admission_addr: str, work: list[dict], dur
         def adm_call(i, t0):
             w = work[i]
             req = admission_pb2.GenerateRequest(
-                prompt_token_ids=w["ids"], sampling=sampling(w["m"]), slo_class=w["cls"]
+                request_id=f"gp-{i}",  # joins the admission's --decision-log
+                prompt_token_ids=w["ids"],
+                sampling=sampling(w["m"]),
+                slo_class=w["cls"],
             )
             return one_request(stub, req, True, t0)
 
