@@ -439,8 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         for config, flags in (("layerkv_off", ()), ("layerkv_on", ("--layerkv",))):
             worker = worker_proc(*flags)
             local_stack.wait_serving(worker, timeout_s=400)
+            # Both engines get the same warm-up (the probe's requests), so both start
+            # the ramp with fitted latency models rather than one of them on priors.
+            probed = probe(worker.address)
             if config == "layerkv_off":
-                ttft_short, ttft_long, tpot = probe(worker.address)
+                ttft_short, ttft_long, tpot = probed
                 result["probe"] = {
                     "ttft_short_s": ttft_short, "ttft_long_s": ttft_long, "tpot_s": tpot,
                 }  # fmt: skip

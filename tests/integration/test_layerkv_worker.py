@@ -59,8 +59,9 @@ def scrape(url: str) -> dict[str, float]:
     return samples
 
 
-async def generate(stub, ids: list[int], max_tokens: int) -> list[int]:
+async def generate(stub, ids: list[int], max_tokens: int, request_id: str = "") -> list[int]:
     req = worker_pb2.WorkerGenerateRequest(
+        request_id=request_id,
         prompt_token_ids=ids,
         sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
         slo=common_pb2.SloTargets(ttft_s=2.0, tpot_s=1.0),
@@ -79,7 +80,20 @@ async def test_layerkv_worker_is_lossless_and_reports_offload(layerkv_worker, wo
         assert before.layerkv and before.kv_groups == 8 and before.min_resident_groups == 0
         assert before.reserve_requests == LayerKVSettings().reserve_requests > 0
 
-        got = await asyncio.gather(*(generate(stub, ids, out) for ids, out in prompts))
+        run = asyncio.gather(
+            *(generate(stub, ids, out, f"lkv-{i}") for i, (ids, out) in enumerate(prompts))
+        )
+
+        async def offloaded():
+            load = await stub.GetLoad(worker_pb2.GetLoadRequest())
+            return [r for r in load.requests if r.offloaded_groups] or None
+
+        # The load report says which requests hold groups in host memory, by the id the
+        # worker was given (vLLM's engine knows them by a suffixed id).
+        seen = await wait_until(offloaded, timeout_s=60, what="a request reported offloaded")
+        assert {r.request_id for r in seen} <= {f"lkv-{i}" for i in range(len(prompts))}
+        assert all(0 < r.offloaded_groups <= before.kv_groups for r in seen)
+        got = await run
         expected = [await direct_tokens(worker.engine, ids, out) for ids, out in prompts]
         assert got == expected  # greedy tokens equal stock vLLM's, request by request
 

@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 
 from layerkv.admission.ttft import KvState, RequestLoad, WorkerSnapshot, predict_ttft
 from layerkv.common.latency_model import (
+    ENGINE_FIT_MIN_SAMPLES,
     LatencyCoefficients,
     OnlineLatencyModel,
     least_squares_nonneg,
+    reported_prefill_fit,
 )
 
 LAT = LatencyCoefficients(
@@ -80,24 +82,44 @@ def test_a_shared_prefill_step_pays_attention_per_prompt():
 
 
 def test_layerkv_starts_with_fewer_resident_groups_instead_of_waiting():
-    running = [RequestLoad(prompt_tokens=2000, max_tokens=1000, output_tokens=0, started=True)]
-    # 8 groups: a 320-token prompt (10 blocks per group) needs 80 blocks all resident.
-    kv = dict(groups=8, min_resident_groups=1, host_blocks_free=1000)
-    stock = predict_ttft(snap(free=40, total=600, running=running, groups=8), 320)
-    lkv = predict_ttft(snap(free=40, total=600, running=running, layerkv=True, **kv), 320)
+    # The running request keeps 1 of 8 groups resident: 2 block lists, 62 blocks for
+    # its remaining 1000 tokens, which LayerKV admission keeps back.
+    running = [RequestLoad(2000, max_tokens=1000, started=True, offloaded_groups=7)]
+    # A 319-token prompt plus its one output token: 10 blocks per group, 80 all resident.
+    stock = predict_ttft(snap(free=79, total=600, running=running, groups=8), 319)
+    kv = dict(groups=8, min_resident_groups=0, host_blocks_free=1000)
+    lkv = predict_ttft(snap(free=79, total=600, running=running, layerkv=True, **kv), 319)
     assert stock.kv_wait_s > 10  # waits ~1000 decode steps
-    assert lkv.kv_wait_s == 0 and lkv.resident_groups == 3  # (3 + 1) lists x 10 = 40
+    assert lkv.kv_wait_s == 0 and lkv.resident_groups == 0  # 1 list of 10 <= 79 - 62
     assert lkv.ttft_s < stock.ttft_s
 
 
+def test_layerkv_keeps_back_the_blocks_running_requests_will_decode_into():
+    # As the engine scheduler does: offloading a new request into blocks a running
+    # one will need before its max_tokens would end in a recompute preemption.
+    kv = dict(groups=8, layerkv=True, min_resident_groups=0, host_blocks_free=1000)
+    ending = [RequestLoad(2000, max_tokens=1000, output_tokens=990, started=True)]
+    assert predict_ttft(snap(free=60, total=600, running=ending, **kv), 319).kv_wait_s == 0
+    # 1000 tokens to go, all 8 groups resident: 8 x 31 blocks kept back.
+    starting = [RequestLoad(2000, max_tokens=1000, started=True)]
+    p = predict_ttft(snap(free=60, total=600, running=starting, **kv), 319)
+    assert p.kv_wait_s > 10
+    # It sizes a new request for its whole output too: the prompt's 80 blocks fit with
+    # room for one more, but 640 tokens (20 blocks per group) leave room for 3 groups.
+    room = dict(kv, reserve_requests=1)
+    assert predict_ttft(snap(free=100, total=600, **room), 319).resident_groups == 8
+    p = predict_ttft(snap(free=100, total=600, **room), 319, max_tokens=321)
+    assert p.resident_groups == 3  # (3 + 1) x 20 + 1 x 20 = 100
+
+
 def test_layerkv_keeps_room_for_more_requests_as_its_scheduler_does():
-    # 100 free blocks hold the 320-token prompt all resident (80), but the engine
+    # 100 free blocks hold the 319-token prompt all resident (80), but the engine
     # scheduler keeps room for reserve_requests more with min_resident_groups = 1
     # ((1 + 1) lists x 10 blocks each): it starts this one with fewer groups.
     kv = dict(groups=8, layerkv=True, min_resident_groups=1, host_blocks_free=1000)
-    alone = predict_ttft(snap(free=100, total=600, **kv), 320)
+    alone = predict_ttft(snap(free=100, total=600, **kv), 319)
     assert alone.resident_groups == 8
-    room = predict_ttft(snap(free=100, total=600, reserve_requests=2, **kv), 320)
+    room = predict_ttft(snap(free=100, total=600, reserve_requests=2, **kv), 319)
     assert room.resident_groups == 5  # (5 + 1) x 10 + 2 x 20 = 100
     assert room.kv_wait_s == 0
 
@@ -204,3 +226,27 @@ def test_nonneg_least_squares_drops_negative_coefficients():
     ys = [5.0 - 0.1 * x for x in range(10)]
     w = least_squares_nonneg(rows, ys)
     assert w[1] == 0.0 and w[0] == pytest.approx(sum(ys) / len(ys))
+
+
+def test_a_worker_reports_the_engine_fit_only_once_it_rests_on_enough_steps():
+    per_request = LatencyCoefficients(prefill_a_s=0.004, prefill_b_s=6e-5, prefill_c_s=3e-8)
+    engine = (0.001, 7e-5, 2e-8)
+    mine = (0.004, 6e-5, 3e-8)
+    # A LayerKV engine reports its fit from its first step, on its priors at first.
+    assert reported_prefill_fit(per_request, engine, ENGINE_FIT_MIN_SAMPLES - 1) == mine
+    assert reported_prefill_fit(per_request, engine, ENGINE_FIT_MIN_SAMPLES) == engine
+    assert reported_prefill_fit(per_request, None, 0) == mine
+
+
+def test_the_head_of_the_queue_is_credited_with_the_time_since_it_was_sent():
+    # The report lists a 1000-token prompt as waiting, but it was sent 50 ms ago to an
+    # idle engine: its 110 ms prefill step is half done, and the new prompt cannot
+    # join a step already under way: it waits 60 ms, then takes its own step.
+    fresh = predict_ttft(snap(waiting=[RequestLoad(1000, 10)]), 100)
+    sent = predict_ttft(snap(waiting=[RequestLoad(1000, 10, sent_s_ago=0.05)]), 100)
+    assert fresh.ttft_s == pytest.approx(0.01 + 1100 * 1e-4)  # one shared step
+    assert sent.queue_s == pytest.approx(0.11 - 0.05)
+    assert sent.ttft_s == pytest.approx(0.06 + 0.01 + 100 * 1e-4)
+    # Sent longer ago than its step takes: done, nothing left to wait for.
+    done = predict_ttft(snap(waiting=[RequestLoad(1000, 10, sent_s_ago=0.5)]), 100)
+    assert done.queue_s == 0 and done.ttft_s == pytest.approx(0.01 + 100 * 1e-4)

@@ -207,7 +207,7 @@ class AdmissionService:
             return
         now = time.monotonic()
         routable = self.pool.routable(now)
-        snaps = {w.address: w.snapshot(self.pool.prior) for w in routable}
+        snaps = {w.address: w.snapshot(self.pool.prior, now) for w in routable}
         rooms = {
             w.address: self._tpot_room(w, snaps[w.address], now) if self.tpot_guard else math.inf
             for w in routable
@@ -238,7 +238,7 @@ class AdmissionService:
                 )
                 if self.decision_log is not None:
                     self._log_decision(item, worker, snaps[worker.address], best, now)
-                snaps[worker.address] = worker.snapshot(self.pool.prior)
+                snaps[worker.address] = worker.snapshot(self.pool.prior, now)
                 rooms[worker.address] -= best.prefill_s
                 future.set_result(_Routed(worker, best, now, now - item.arrival))
             elif verdict is Verdict.EXPIRED:
@@ -428,9 +428,15 @@ class AdmissionService:
                     reason="no worker state known; trying workers in turn",
                     prompt_tokens=prompt_tokens,
                 )
-            yield admission_pb2.GenerateResponse(request_id=request_id, decision=decision)
             async for response in self._forward(
-                worker_request, request_id, measured, context, routed, prompt_tokens, max_tokens
+                worker_request,
+                request_id,
+                measured,
+                context,
+                routed,
+                prompt_tokens,
+                max_tokens,
+                admission_pb2.GenerateResponse(request_id=request_id, decision=decision),
             ):
                 yield response
             status = "ok"
@@ -533,9 +539,11 @@ class AdmissionService:
         routed: _Routed | None,
         prompt_tokens: int,
         max_tokens: int,
+        decision: admission_pb2.GenerateResponse,
     ):
         """Stream ``worker_request`` from the routed worker, or else from the first
-        worker that takes it (a worker that fails before streaming anything)."""
+        worker that takes it (a worker that fails before streaming anything).
+        ``decision`` goes to the client once the first worker call is under way."""
         timeout = context.time_remaining()
         tried: list[str] = []
         if routed is not None:
@@ -548,6 +556,11 @@ class AdmissionService:
                 worker.dispatched(request_id, prompt_tokens, max_tokens)
             call = worker.stub.Generate(worker_request, timeout=timeout)
             measured.worker = worker.address
+            if decision is not None:
+                # After the call is started: a yield waits for its write to finish, and
+                # the request to the worker should not wait behind it.
+                yield decision
+                decision = None
             try:
                 async for response in call:
                     if response.HasField("tokens"):

@@ -15,7 +15,9 @@ requests each free their blocks after their remaining tokens at the fitted decod
 speed. With LayerKV on the worker, a request that does not fit with all its layers
 may start with only some KV groups resident (the rest in host memory), so it waits
 only for the blocks of its resident groups (``policy/sizing.py``'s rule:
-``(resident + 1)`` block lists).
+``(resident + 1)`` block lists). The LayerKV engine sizes those decisions for each
+request's whole output and keeps back the blocks running requests will still grow
+into (``plugin/scheduler.py``: ``_free_for_admission``); the replay does the same.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ class RequestLoad:
     output_tokens: int = 0
     started: bool = False
     request_id: str = ""
+    # LayerKV: groups whose KV is in host memory (0: all resident).
+    offloaded_groups: int = 0
+    # Waiting: seconds since it was sent to the worker (0: unknown). The engine may
+    # have started its prefill since the worker's report was taken.
+    sent_s_ago: float = 0.0
 
     @property
     def remaining_tokens(self) -> int:
@@ -59,6 +66,8 @@ class KvState:
     host_blocks_free: int = 0
     # LayerKV keeps room for this many more requests when it offloads (see _plan).
     reserve_requests: int = 0
+    # The engine's longest prompt + output (0: unknown); caps LayerKV's output sizing.
+    max_model_len: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,33 +110,54 @@ def _blocks(tokens: int, kv: KvState, resident: int) -> int:
     return lists * per_group
 
 
-def _plan(tokens: int, free: int, host_free: int, kv: KvState, next_tokens: int = 0) -> int | None:
-    """Resident groups a request of ``tokens`` starts with given ``free`` blocks, or
-    None when it must wait. Stock vLLM: all groups if they fit. LayerKV: the engine
-    scheduler's rule (``policy/sizing.py``, shared): all groups unless that leaves no
-    room for the next waiting request (``next_tokens``) and ``reserve_requests`` more;
-    else the most that fit within that room (at least ``min_resident_groups``), if host
-    memory takes the rest."""
+def _final_blocks_per_group(prompt_tokens: int, max_tokens: int, kv: KvState) -> int:
+    """Blocks per group a request holds at its end: what LayerKV admission plans for."""
+    total = prompt_tokens + max(max_tokens, 1)
+    if kv.max_model_len:
+        total = min(total, kv.max_model_len)
+    return cdiv(total, kv.block_size)
+
+
+def _plan(
+    req: RequestLoad, free: int, growth: int, host_free: int, kv: KvState,
+    following: RequestLoad | None = None,
+) -> int | None:  # fmt: skip
+    """Resident groups ``req`` starts with given ``free`` blocks, or None when it must
+    wait. Stock vLLM: all groups if its prompt fits. LayerKV (the engine scheduler's
+    rule, ``policy/sizing.py``, shared): first, with ``growth`` blocks kept back for
+    the running requests' remaining output, the most groups that leave room for the
+    next waiting request (``following``) and ``reserve_requests`` more, each sized
+    for its whole output; failing that, all groups if the prompt fits; failing that,
+    the most groups that fit (at least ``min_resident_groups``), if host memory
+    takes the rest."""
     layerkv = kv.layerkv and kv.groups > 1
-    per_group = cdiv(max(tokens, 1), kv.block_size)
-    cap = None
-    if layerkv:
-        cap = residency_leaving_room(
-            free, kv.groups, per_group, cdiv(max(next_tokens or tokens, 1), kv.block_size),
-            kv.min_resident_groups, max(kv.reserve_requests, 1 if next_tokens else 0),
-        )  # fmt: skip
-    if cap is None and _blocks(tokens, kv, kv.groups) <= free:
-        return kv.groups
+    all_fit = _blocks(req.prompt_tokens, kv, kv.groups) <= free
     if not layerkv:
-        return None
-    best = max_resident_groups(free, kv.groups, per_group, kv.min_resident_groups)
-    if best is None:
-        return None
-    if cap is not None:
-        best = min(best, cap)
-    if (kv.groups - best) * per_group > host_free:
-        return None
-    return best
+        return kv.groups if all_fit else None
+    per_group = _final_blocks_per_group(req.prompt_tokens, req.max_tokens, kv)
+    room = free - growth
+
+    def most_that_fit() -> int | None:
+        best = max_resident_groups(room, kv.groups, per_group, kv.min_resident_groups)
+        if best is None or (kv.groups - best) * per_group > host_free:
+            return None
+        return best
+
+    reserve = max(kv.reserve_requests, 1 if following is not None else 0)
+    if reserve:
+        nxt = following or req
+        cap = residency_leaving_room(
+            room, kv.groups, per_group,
+            _final_blocks_per_group(nxt.prompt_tokens, nxt.max_tokens, kv),
+            kv.min_resident_groups, reserve,
+        )  # fmt: skip
+        if cap is not None:
+            best = most_that_fit()
+            if best is not None:
+                return min(best, cap)
+    if all_fit:
+        return kv.groups
+    return most_that_fit()
 
 
 def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) -> TtftPrediction:
@@ -137,14 +167,17 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
     free = kv.blocks_free
     host_free = kv.host_blocks_free
     t = 0.0
-    # Running requests: (steps until finished, seq, context tokens, resident groups).
-    # Blocks held are derived from the context, so decode growth is accounted for.
-    running: list[tuple[int, int, int, int]] = []
+    # Running requests: (steps until finished, seq, context tokens, resident groups,
+    # blocks per group at their end). Blocks held are derived from the context, so
+    # decode growth is accounted for.
+    running: list[tuple[int, int, int, int, int]] = []
     for i, r in enumerate(snap.running):
-        running.append(
-            (max(r.remaining_tokens, 1), i, r.prompt_tokens + r.output_tokens, kv.groups)
-        )
+        ctx = r.prompt_tokens + r.output_tokens
+        final = _final_blocks_per_group(r.prompt_tokens, r.max_tokens, kv)
+        resident = kv.groups - min(r.offloaded_groups, kv.groups)
+        running.append((max(r.remaining_tokens, 1), i, ctx, resident, final))
     heapq.heapify(running)
+    track_growth = kv.layerkv and kv.groups > 1
     steps_done = 0  # decode steps simulated so far (shared by all running)
     queue = [*snap.waiting, RequestLoad(prompt_tokens, max_tokens, request_id="\0new")]
     queue_s = kv_wait_s = 0.0
@@ -156,13 +189,23 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
     def held(ctx0: int, resident: int) -> int:
         return _blocks(ctx0 + steps_done, kv, resident)
 
-    held_total = sum(held(ctx, res) for _, _, ctx, res in running)
+    held_total = sum(held(ctx, res) for _, _, ctx, res, _ in running)
+
+    def growth() -> int:
+        """Blocks the running requests will still take until their ``max_tokens``."""
+        if not track_growth:
+            return 0
+        total = 0
+        for _, _, ctx, res, final in running:
+            lists = kv.groups if res >= kv.groups else res + 1
+            total += lists * max(final - cdiv(ctx + steps_done, kv.block_size), 0)
+        return total
 
     for qi, req in enumerate(queue):
         is_new = qi == len(queue) - 1
-        following = queue[qi + 1].prompt_tokens if qi + 1 < len(queue) else 0
+        following = queue[qi + 1] if qi + 1 < len(queue) else None
         while True:
-            resident = _plan(req.prompt_tokens, free, host_free, kv, following)
+            resident = _plan(req, free, growth(), host_free, kv, following)
             if resident is not None and len(running) < snap.max_num_seqs:
                 break
             if not running:
@@ -184,10 +227,10 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
             t += dt
             kv_wait_s += dt
             while running and running[0][0] <= steps_done:
-                _, _, ctx, res = heapq.heappop(running)
+                _, _, ctx, res, _ = heapq.heappop(running)
                 if res < kv.groups:
                     host_free += (kv.groups - res) * cdiv(ctx + steps_done, kv.block_size)
-            after = sum(held(ctx, res) for _, _, ctx, res in running)
+            after = sum(held(ctx, res) for _, _, ctx, res, _ in running)
             # Finished requests' blocks come back, minus what the others grew by.
             free = max(free + held_total - after, 0)
             held_total = after
@@ -203,6 +246,11 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
         batch_tokens += req.prompt_tokens
         # The step also advances every running request by one token.
         step_cost += lat.decode_step_s_per_seq * len(running)
+        if qi == 0 and t == 0.0 and req.sent_s_ago > snap.overhead_s:
+            # The head of the queue could start at once: it has been in its step since
+            # it reached the engine, and that step takes no one else now.
+            step_cost = max(step_cost - (req.sent_s_ago - snap.overhead_s), 0.0)
+            step_open = False
         if is_new:
             # It starts with the step it joins: what comes before that step is waiting,
             # the whole step (shared with the prefills batched with it) is its prefill.
@@ -223,6 +271,6 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
         heapq.heappush(
             running,
             (steps_done + max(req.remaining_tokens, 1), seq, req.prompt_tokens - steps_done,
-             resident),
+             resident, _final_blocks_per_group(req.prompt_tokens, req.max_tokens, kv)),
         )  # fmt: skip
     raise AssertionError("unreachable: the new request is the last in the queue")

@@ -85,16 +85,20 @@ class WorkerEndpoint:
             and now - self.load_at <= stale_after_s
         )
 
-    def snapshot(self, prior: LatencyCoefficients) -> WorkerSnapshot:
+    def snapshot(self, prior: LatencyCoefficients, now: float | None = None) -> WorkerSnapshot:
         """The last report merged with what happened here since it was taken."""
+        now = time.monotonic() if now is None else now
         load = self.load
         assert load is not None
         bs = max(load.config.block_size, 1)
         groups = max(load.kv_groups, 1)
         free = load.kv_blocks_free
 
-        def blocks(tokens: int) -> int:
-            return groups * cdiv(tokens, bs)
+        def blocks(tokens: int, offloaded: int = 0) -> int:
+            # LayerKV: a request with offloaded groups holds its resident groups' block
+            # lists and one staging list.
+            lists = groups - offloaded + 1 if offloaded else groups
+            return lists * cdiv(tokens, bs)
 
         # 1. The report on its own terms. The engine counts ``running`` requests (they
         # hold blocks: decoding, or prefilling without a first token yet) and
@@ -121,13 +125,16 @@ class WorkerEndpoint:
             fin = self.finished_at.get(rid)
             if fin is not None and fin >= self.load_at:
                 if rid in holding:  # its blocks are free again
-                    free += blocks(r.prompt_tokens + r.output_tokens)
+                    free += blocks(r.prompt_tokens + r.output_tokens, r.offloaded_groups)
                 continue
             mine = self.local.get(rid)
             out = max(r.output_tokens, mine.output_tokens if mine else 0)
             if rid in holding:
-                free -= blocks(r.prompt_tokens + out) - blocks(r.prompt_tokens + r.output_tokens)
-                running.append(RequestLoad(r.prompt_tokens, r.max_tokens, out, r.started, rid))
+                off = r.offloaded_groups
+                free -= blocks(r.prompt_tokens + out, off) - blocks(
+                    r.prompt_tokens + r.output_tokens, off
+                )
+                running.append(RequestLoad(r.prompt_tokens, r.max_tokens, out, r.started, rid, off))
             elif rid in preempted and out == r.output_tokens:
                 # Waits again, ahead of the queue, to recompute prompt + output.
                 requeued.append(
@@ -138,13 +145,17 @@ class WorkerEndpoint:
                 free -= blocks(r.prompt_tokens + out)
                 running.append(RequestLoad(r.prompt_tokens, r.max_tokens, out, True, rid))
             else:
-                waiting.append(RequestLoad(r.prompt_tokens, r.max_tokens, 0, False, rid))
+                sent_s_ago = now - mine.dispatched_at if mine is not None else 0.0
+                waiting.append(
+                    RequestLoad(r.prompt_tokens, r.max_tokens, 0, False, rid, sent_s_ago=sent_s_ago)
+                )
         reported = {r.request_id for r in load.requests}
         for rid, mine in self.local.items():
             if rid in reported:
                 continue
+            sent_s_ago = 0.0 if mine.started else now - mine.dispatched_at
             req = RequestLoad(mine.prompt_tokens, mine.max_tokens, mine.output_tokens,
-                              mine.started, rid)  # fmt: skip
+                              mine.started, rid, sent_s_ago=sent_s_ago)  # fmt: skip
             if mine.started:
                 free -= blocks(mine.prompt_tokens + mine.output_tokens)
                 running.append(req)
@@ -167,6 +178,7 @@ class WorkerEndpoint:
             min_resident_groups=load.min_resident_groups,
             host_blocks_free=load.host_kv_blocks_free,
             reserve_requests=load.reserve_requests,
+            max_model_len=load.config.max_model_len,
         )
         return WorkerSnapshot(
             address=self.address,

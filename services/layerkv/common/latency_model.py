@@ -47,6 +47,25 @@ class LatencyCoefficients:
         return max(0.0, self.decode_step_s + self.decode_step_s_per_seq * running)
 
 
+# Prefill-dominated engine steps the LayerKV plug-in's own fit needs before a worker
+# reports it instead of the per-request fit: below that the plug-in answers with its
+# priors (set for a GPU, 3-5x off on a CPU) or a fit of a handful of prompt lengths.
+ENGINE_FIT_MIN_SAMPLES = 16
+
+
+def reported_prefill_fit(
+    per_request: LatencyCoefficients,
+    engine_fit: tuple[float, float, float] | None,
+    engine_fit_samples: int,
+) -> tuple[float, float, float]:
+    """The prefill coefficients ``(a, b, c)`` a worker reports: the LayerKV plug-in's
+    per-step fit once it rests on ``ENGINE_FIT_MIN_SAMPLES`` steps (it times each step
+    in the engine, free of queueing), else the fit from vLLM's per-request timings."""
+    if engine_fit is not None and engine_fit_samples >= ENGINE_FIT_MIN_SAMPLES:
+        return engine_fit
+    return (per_request.prefill_a_s, per_request.prefill_b_s, per_request.prefill_c_s)
+
+
 def least_squares_nonneg(
     rows: list[list[float]], ys: list[float], ridge: float = 1e-9
 ) -> list[float] | None:

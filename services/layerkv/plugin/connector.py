@@ -219,6 +219,12 @@ class LayerKVConnector(va.KVConnectorBase_V1, va.SupportsHMA):
             "host_blocks_total": self.book.host.num_blocks,
             "device_blocks_free": va.num_free_blocks(self._kv_cache_manager),
             "device_blocks_total": va.num_total_blocks(self._kv_cache_manager),
+            # Per request, so that admission counts the blocks each one really holds.
+            "offloaded_groups_by_request": {
+                va.external_request_id(rid): len(p.offloaded)
+                for rid, p in self.book.plans.items()
+                if p.offloaded
+            },
             **self.counters,
         }
         if self.scheduler_gauges is not None:

@@ -9,7 +9,7 @@ are cumulative since engine start; gauges are the value at the end of the step.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from layerkv.plugin import vllm_adapter as va
@@ -35,6 +35,8 @@ class LayerKVStats:
     host_blocks_total: int = 0
     device_blocks_free: int = 0
     device_blocks_total: int = 0
+    # Running requests with offloaded groups -> how many groups are offloaded.
+    offloaded_groups_by_request: dict[str, int] = field(default_factory=dict)
     # Counters.
     admitted_early: int = 0  # admitted with offloaded layers: all groups did not fit
     admitted_offloaded_for_room: int = 0  # would fit, offloaded to keep reserve_requests room
@@ -55,7 +57,7 @@ class LayerKVStats:
     step_samples: int = 0
     prefill_samples: int = 0  # prefill-dominated steps in the fit window
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

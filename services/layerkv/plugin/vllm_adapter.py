@@ -178,6 +178,18 @@ def is_fresh_admission(request: Request) -> bool:
     )
 
 
+def external_request_id(request_id: str) -> str:
+    """The id the frontend knows an engine request by. vLLM 0.32's input processor
+    appends ``-`` and 8 random characters to it (``_randomize_request_id``) unless
+    VLLM_DISABLE_REQUEST_ID_RANDOMIZATION is set; the engine's Request keeps no copy."""
+    from vllm import envs
+
+    if envs.VLLM_DISABLE_REQUEST_ID_RANDOMIZATION:
+        return request_id
+    head, sep, tail = request_id.rpartition("-")
+    return head if sep and len(tail) == 8 else request_id
+
+
 def preempt_running(scheduler: Scheduler, request: Request, timestamp: float) -> None:
     """Take ``request`` out of the running queue, free its blocks and put it at the head
     of the waiting queue (vLLM's own preemption; the model runner then replaces its

@@ -17,6 +17,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from layerkv.common import serving
+from layerkv.common.latency_model import reported_prefill_fit
 from layerkv.common.requests import (
     InvalidRequest,
     check_prompt,
@@ -169,12 +170,15 @@ class WorkerService:
         used = round(snap.kv_cache_usage * total)
         age = time.monotonic() - snap.reported_at if snap.reported_at else -1.0
         lat = self.stats.latency.coefficients()
-        prefill = [lat.prefill_a_s, lat.prefill_b_s, lat.prefill_c_s]
         lkv = self.stats.layerkv
-        if lkv is not None and lkv.step_samples:
-            # The plug-in fits prefill time per engine step, closer to the truth than
-            # per-request timings that include queueing behind other steps.
-            prefill = [lkv.prefill_a_s, lkv.prefill_b_s, lkv.prefill_c_s]
+        offloaded = lkv.offloaded_groups_by_request if lkv is not None else {}
+        for rid, progress in self.progress.items():
+            progress.offloaded_groups = offloaded.get(rid, 0)
+        prefill = reported_prefill_fit(
+            lat,
+            (lkv.prefill_a_s, lkv.prefill_b_s, lkv.prefill_c_s) if lkv is not None else None,
+            lkv.prefill_samples if lkv is not None else 0,
+        )
         return worker_pb2.WorkerLoad(
             prefill_s_coeffs=prefill,
             decode_step_s=lat.decode_step_s,
