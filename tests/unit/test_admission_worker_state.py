@@ -152,3 +152,24 @@ def test_learned_overhead_is_robust_to_a_burst():
     assert endpoint(load()).snapshot(PRIOR).overhead_s == 0.0  # nothing learned yet
     ep.learn_overhead(-1.0)  # never negative
     assert ep.snapshot(PRIOR).overhead_s >= 0.0
+
+
+def test_layerkv_blocks_follow_each_requests_offloaded_groups():
+    # 8 groups, 32-token blocks. "a" runs with 7 groups in host memory (a resident
+    # group's and a staging list); "b" was sent since, predicted to offload 6.
+    lkv = dict(layerkv=True, kv_groups=8, kv_blocks_total=800, kv_blocks_free=400)
+    a = progress("a", 320, 0, 100, True)
+    a.offloaded_groups = 7
+    ep = endpoint(load(running=1, requests=[a], **lkv))
+    ep.dispatched("a", 320, 100)  # sent by this service: its tokens are seen here
+    ep.dispatched("b", 640, 10, offloaded_groups=6)
+    ep.streamed("a", 32)  # one more block for each of its 2 lists
+    ep.streamed("b", 1)  # started: 3 lists of 21 blocks (641 tokens)
+    snap = ep.snapshot(PRIOR)
+    assert {r.request_id: r.offloaded_groups for r in snap.running} == {"a": 7, "b": 6}
+    assert snap.kv.blocks_free == 400 - 2 * 1 - 3 * 21
+    # "b" waiting (not started) takes nothing yet and carries its time since sent.
+    ep2 = endpoint(load(**lkv))
+    ep2.dispatched("c", 640, 10, offloaded_groups=6)
+    waiting = ep2.snapshot(PRIOR, now=time.monotonic() + 0.5).waiting
+    assert [r.request_id for r in waiting] == ["c"] and waiting[0].sent_s_ago >= 0.5

@@ -234,7 +234,11 @@ class AdmissionService:
                 self.queue.remove(item)
                 worker = next(w for w in routable if w.address == best.worker)
                 worker.dispatched(
-                    item.request_id, item.prompt_tokens, item.max_tokens, item.tpot_target_s
+                    item.request_id,
+                    item.prompt_tokens,
+                    item.max_tokens,
+                    item.tpot_target_s,
+                    offloaded_groups=snaps[worker.address].kv.groups - best.resident_groups,
                 )
                 if self.decision_log is not None:
                     self._log_decision(item, worker, snaps[worker.address], best, now)

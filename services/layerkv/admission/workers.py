@@ -49,6 +49,9 @@ class LocalRequest:
     started: bool = False
     tpot_target_s: float | None = None
     first_token_at: float | None = None  # monotonic
+    # LayerKV: groups the prediction at dispatch expected it to offload, until a load
+    # report says how many it did.
+    offloaded_groups: int = 0
 
 
 @dataclass
@@ -142,8 +145,9 @@ class WorkerEndpoint:
                 )
             elif out > 0 or (mine is not None and mine.started):
                 # Started (or resumed) since the report: it took its blocks since.
-                free -= blocks(r.prompt_tokens + out)
-                running.append(RequestLoad(r.prompt_tokens, r.max_tokens, out, True, rid))
+                off = mine.offloaded_groups if mine is not None else 0
+                free -= blocks(r.prompt_tokens + out, off)
+                running.append(RequestLoad(r.prompt_tokens, r.max_tokens, out, True, rid, off))
             else:
                 sent_s_ago = now - mine.dispatched_at if mine is not None else 0.0
                 waiting.append(
@@ -154,10 +158,11 @@ class WorkerEndpoint:
             if rid in reported:
                 continue
             sent_s_ago = 0.0 if mine.started else now - mine.dispatched_at
+            off = mine.offloaded_groups if mine.started else 0
             req = RequestLoad(mine.prompt_tokens, mine.max_tokens, mine.output_tokens,
-                              mine.started, rid, sent_s_ago=sent_s_ago)  # fmt: skip
+                              mine.started, rid, off, sent_s_ago=sent_s_ago)  # fmt: skip
             if mine.started:
-                free -= blocks(mine.prompt_tokens + mine.output_tokens)
+                free -= blocks(mine.prompt_tokens + mine.output_tokens, off)
                 running.append(req)
             else:
                 waiting.append(req)
@@ -198,9 +203,14 @@ class WorkerEndpoint:
         prompt_tokens: int,
         max_tokens: int,
         tpot_target_s: float | None = None,
+        offloaded_groups: int = 0,
     ) -> None:
         self.local[request_id] = LocalRequest(
-            prompt_tokens, max_tokens, time.monotonic(), tpot_target_s=tpot_target_s
+            prompt_tokens,
+            max_tokens,
+            time.monotonic(),
+            tpot_target_s=tpot_target_s,
+            offloaded_groups=offloaded_groups,
         )
 
     def streamed(self, request_id: str, tokens: int) -> None:

@@ -81,6 +81,7 @@ class LayerKVScheduler(va.Scheduler):
                     return blocks
         blocks = self._allocate_slots(request, num_new_tokens, *args, **kwargs)
         if blocks is not None:
+            self._log_decision(request, "admitted_all_resident")
             return blocks
         return self._admit_with_offload(request, num_new_tokens, args, kwargs)
 
@@ -139,6 +140,7 @@ class LayerKVScheduler(va.Scheduler):
             "running": len(self.running),
             "waiting": len(self.waiting),
             "free_blocks": va.num_free_blocks(self.kv_cache_manager),
+            "growth_blocks": self._pending_growth(),
             **fields,
         }
         self._decision_log.write(json.dumps(record) + "\n")

@@ -43,6 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "host memory for offloaded KV, GiB",
         type=float,
     )
+    env_flag(
+        p,
+        "--layerkv-decision-log",
+        "LAYERKV_DECISION_LOG",
+        "",
+        "append the engine scheduler's LayerKV decisions here, one JSON line each",
+    )
     env_flag(p, "--host", "LAYERKV_HOST", "[::]", "address to listen on")
     env_flag(p, "--port", "LAYERKV_WORKER_PORT", 50061, "gRPC port", type=int)
     env_flag(
@@ -74,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_groups=args.layerkv_groups or None,
                 min_resident_groups=args.layerkv_min_resident,
                 host_memory_bytes=int(args.layerkv_host_gib * (1 << 30)),
+                decision_log=args.layerkv_decision_log or None,
             )
         engine_settings = EngineSettings(
             layerkv=layerkv,
