@@ -69,6 +69,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.layerkv_decision_log:
+        where = os.path.dirname(os.path.abspath(args.layerkv_decision_log))
+        problem = (
+            "needs --layerkv"
+            if not args.layerkv
+            else f"cannot write in {where!r}"
+            if not os.access(where, os.W_OK)
+            else None
+        )
+        if problem:
+            print(f"error: --layerkv-decision-log {problem}", file=sys.stderr)
+            return 2
     # Imported here so `--help` and flag errors answer without loading vLLM.
     from layerkv.plugin import LayerKVConfigError, LayerKVSettings
     from layerkv.worker.engine import EngineSettings
