@@ -26,7 +26,7 @@ import heapq
 from dataclasses import dataclass
 
 from layerkv.common.latency_model import LatencyCoefficients
-from layerkv.policy.sizing import max_resident_groups, residency_leaving_room
+from layerkv.policy.sizing import blocks_needed, max_resident_groups, residency_leaving_room
 
 
 def cdiv(a: int, b: int) -> int:
@@ -106,8 +106,7 @@ class TtftPrediction:
 
 def _blocks(tokens: int, kv: KvState, resident: int) -> int:
     per_group = cdiv(max(tokens, 1), kv.block_size)
-    lists = kv.groups if resident >= kv.groups else resident + 1
-    return lists * per_group
+    return blocks_needed(kv.groups, resident, per_group)
 
 
 def _final_blocks_per_group(prompt_tokens: int, max_tokens: int, kv: KvState) -> int:
@@ -197,8 +196,8 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
             return 0
         total = 0
         for _, _, ctx, res, final in running:
-            lists = kv.groups if res >= kv.groups else res + 1
-            total += lists * max(final - cdiv(ctx + steps_done, kv.block_size), 0)
+            remaining = max(final - cdiv(ctx + steps_done, kv.block_size), 0)
+            total += blocks_needed(kv.groups, res, remaining)
         return total
 
     for qi, req in enumerate(queue):

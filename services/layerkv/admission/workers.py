@@ -32,6 +32,7 @@ from layerkv.admission import metrics
 from layerkv.admission.ttft import KvState, RequestLoad, WorkerSnapshot, cdiv
 from layerkv.common.latency_model import LatencyCoefficients
 from layerkv.common.serving import KEEPALIVE_CLIENT_OPTIONS
+from layerkv.policy.sizing import blocks_needed
 from layerkv.policy.slack import DecodeProgress
 from layerkv.v1 import worker_pb2, worker_pb2_grpc
 
@@ -99,9 +100,8 @@ class WorkerEndpoint:
 
         def blocks(tokens: int, offloaded: int = 0) -> int:
             # LayerKV: a request with offloaded groups holds its resident groups' block
-            # lists and one staging list.
-            lists = groups - offloaded + 1 if offloaded else groups
-            return lists * cdiv(tokens, bs)
+            # lists and one staging list (policy/sizing.py).
+            return blocks_needed(groups, groups - offloaded, cdiv(tokens, bs))
 
         # 1. The report on its own terms. The engine counts ``running`` requests (they
         # hold blocks: decoding, or prefilling without a first token yet) and
