@@ -127,12 +127,88 @@ async def test_a_prefill_no_worker_can_absorb_waits_in_admission():
         await service.pool.close()
 
 
-async def test_a_request_due_now_goes_even_without_room():
-    # Same two tight workers, but the request is due in 0.3 s: waiting for room would
-    # miss its own target, so it runs at once, as stock vLLM would run it.
+async def test_a_request_due_now_waits_rather_than_break_a_running_one():
+    # Same two tight workers, and the request is due in 0.3 s: sent now, it would meet
+    # its own TTFT but break the TPOT of a request that can still meet its SLO (and
+    # decode with no slack itself). It waits; the bounded hold still sends it in the end.
     service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
     try:
         item = queued(service, "due", 1500, ttft_s=0.3)
+        service.dispatch()
+        assert not item.payload.done()
+        item.arrival -= service.max_hold_factor * item.ttft_target_s
+        service.dispatch()
+        assert item.payload.done()
+    finally:
+        await service.pool.close()
+
+
+async def test_requests_that_already_violate_their_slo_hold_nothing_back():
+    # The same tight decodes, but on "a:1" the first token came after its TTFT
+    # deadline and on "b:1" the TPOT budget is overspent (30 tokens in 0.6 s against
+    # 10.5 ms): stalling them changes nothing for their SLO, so the prefill goes.
+    service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
+    a, b = service.pool.workers
+    a.local["x"].first_token_due = a.local["x"].first_token_at - 0.001
+    b.local["y"].first_token_at = time.monotonic() - 0.6
+    try:
+        item = queued(service, "long", 1500)
+        service.dispatch()
+        assert item.payload.done() and item.payload.result().worker.address == "a:1"
+    finally:
+        await service.pool.close()
+
+
+def stream_at(w, rid: str, tokens: int, interval_s: float) -> None:
+    """``tokens`` token messages of ``rid``, ``interval_s`` apart, the last one now."""
+    start = time.monotonic() - interval_s * (tokens - 1)
+    for i in range(tokens):
+        w.streamed(rid, 1, now=start + interval_s * i)
+
+
+async def test_the_room_uses_the_cadence_tokens_stream_at():
+    # One request decoding, 30 tokens against a 20 ms target, 70 to go, tokens 10 ms
+    # apart so far (0.29 s): with the engine's 10 ms step its slack is
+    # 99 x 20 - 290 - 700 = 990 ms, room for a 6000-token prefill (610 ms). Once its
+    # tokens stream 15 ms apart (0.435 s so far) the 70 to go take 1.05 s, the slack
+    # is 495 ms: a 6000-token prompt waits, a 1500-token one (160 ms) goes.
+    service = await service_with({"a:1": []})
+    (w,) = service.pool.workers
+    try:
+        w.dispatched("x", 100, 100, 0.020)
+        w.streamed("x", 1, now=time.monotonic() - 0.29)  # first token: no interval yet
+        w.local["x"].first_token_at = time.monotonic() - 0.29
+        w.local["x"].output_tokens = 30
+        big = queued(service, "big", 6000)
+        service.dispatch()
+        assert big.payload.done()
+        w.local.pop("big")
+        w.dispatched("x", 100, 100, 0.020)
+        stream_at(w, "x", 30, 0.015)
+        again = queued(service, "big2", 6000)
+        service.dispatch()
+        assert not again.payload.done()
+        small = queued(service, "small", 1500)
+        service.dispatch()
+        assert small.payload.done()
+    finally:
+        await service.pool.close()
+
+
+async def test_a_request_waits_where_the_decode_step_is_too_slow_for_its_own_target():
+    # The decoding request there is past its own TPOT budget (unprotected: any prefill
+    # fits), but tokens stream 18 ms apart: a new request with a 20 ms target would
+    # decode at more than 0.8 of it, with no slack for later prefills. It waits.
+    service = await service_with({"a:1": []})
+    (w,) = service.pool.workers
+    try:
+        w.dispatched("x", 100, 100, 0.010)
+        stream_at(w, "x", 30, 0.018)
+        item = queued(service, "short", 100)
+        service.dispatch()
+        assert not item.payload.done()
+        w.finished("x")  # the slow decode ends: the cadence is no longer the limit
+        w.token_intervals.clear()
         service.dispatch()
         assert item.payload.done()
     finally:

@@ -16,7 +16,15 @@ from layerkv.policy.settings import (
     resolve,
 )
 from layerkv.policy.sizing import blocks_needed, max_resident_groups, promotion_target
-from layerkv.policy.slack import DecodeProgress, admit_early, min_slack, tpot_slack
+from layerkv.policy.slack import (
+    DecodeProgress,
+    admit_early,
+    min_protected_slack,
+    min_slack,
+    missed_ttft,
+    protected_slack,
+    tpot_slack,
+)
 
 
 def test_layer_groups_are_strided_and_cover_every_layer_once():
@@ -90,6 +98,20 @@ def test_slack_negative_when_behind():
     p = DecodeProgress(0.05, 11, 0.0, 100)  # decode step slower than target
     assert tpot_slack(p, 1.0, 0.06) < 0
     assert not admit_early(tpot_slack(p, 1.0, 0.06), 0.0, 0.0001)
+
+
+def test_protected_slack_skips_requests_that_violate_their_slo_already():
+    on_time = DecodeProgress(0.1, 11, 0.0, 10, first_token_due_s=0.5)
+    late = DecodeProgress(0.1, 11, 0.0, 10, first_token_due_s=-0.01)
+    behind = DecodeProgress(0.05, 11, 0.0, 100, first_token_due_s=0.5)
+    unknown_due = DecodeProgress(0.1, 11, 0.0, 10)
+    assert not missed_ttft(on_time) and missed_ttft(late) and not missed_ttft(unknown_due)
+    assert protected_slack(on_time, 1.0, 0.05) == pytest.approx(0.5)
+    assert protected_slack(late, 1.0, 0.05) == math.inf  # its first token was late
+    assert protected_slack(behind, 1.0, 0.06) == math.inf  # its TPOT budget is spent
+    assert protected_slack(unknown_due, 1.0, 0.05) == pytest.approx(0.5)
+    assert min_protected_slack([late, behind], 1.0, 0.06) == math.inf
+    assert min_protected_slack([late, on_time], 1.0, 0.05) == pytest.approx(0.5)
 
 
 def test_step_time_model_recovers_quadratic():

@@ -7,8 +7,8 @@
   first token, and the capacity goes to requests that can still make it.
 * Otherwise the request waits in the admission queue until :func:`dispatch_verdict`
   lets it go: when some worker can start it at once, or just before it must go to
-  meet its deadline; and preferably to a worker whose decoding requests' TPOT slack
-  covers its prefill (:func:`tpot_room`, :func:`route_verdict`). Holding requests
+  meet its deadline; and only to a worker whose decoding requests' TPOT slack covers
+  its prefill (:func:`tpot_room`, :func:`route_verdict`). Holding requests
   here rather than in the workers' FIFO queues lets urgent requests overtake and
   routes each request late, to whichever worker frees up first.
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from layerkv.admission.queue import QueuedRequest
 from layerkv.admission.ttft import TtftPrediction
-from layerkv.policy.slack import DecodeProgress, min_slack
+from layerkv.policy.slack import DecodeProgress, min_protected_slack
 
 
 class MissPolicy(enum.Enum):
@@ -134,6 +134,23 @@ def dispatch_verdict(
     return Verdict.WAIT
 
 
+@dataclass(frozen=True)
+class TpotRoom:
+    """What a worker's decoding can take on without missing TPOT targets."""
+
+    # Prefill time its decoding requests can absorb (:func:`tpot_room`).
+    prefill_s: float = math.inf
+    # The decode step every request there would take with one more decoding.
+    next_step_s: float = 0.0
+
+
+NO_LIMIT = TpotRoom()
+# A request goes only where one more decode step leaves it this share of its own TPOT
+# target: the rest is the slack that later prefills on that worker may use (with the
+# step at 0.8 x target, a 96-token request can absorb about one long prefill).
+OWN_STEP_SHARE = 0.8
+
+
 def tpot_room(
     running: Iterable[DecodeProgress],
     now: float,
@@ -141,36 +158,49 @@ def tpot_room(
     queued_prefill_s: float = 0.0,
 ) -> float:
     """Prefill time a worker can still take without its decoding requests missing
-    their TPOT targets: their smallest TPOT slack (``policy/slack.py``, the rule the
-    LayerKV engine scheduler applies to early admissions), less the prefills already
-    queued there. Every prefill stalls every decode on the worker once, so a request
-    whose prefill does not fit waits here rather than break the others' targets."""
-    return min_slack(running, now, decode_step_s) - queued_prefill_s
+    their TPOT targets: the smallest TPOT slack (``policy/slack.py``) among those that
+    can still meet their SLO, less the prefills already queued there. Every prefill
+    stalls every decode on the worker once, so a request whose prefill does not fit
+    waits here rather than break the others' targets."""
+    return min_protected_slack(running, now, decode_step_s) - queued_prefill_s
+
+
+def has_room(item: QueuedRequest, prediction: TtftPrediction, room: TpotRoom) -> bool:
+    """Whether ``item`` can go to ``prediction``'s worker without breaking a decoding
+    request's TPOT target there, or its own: requests that already miss their SLO
+    are not protected (:func:`tpot_room`), so without its own check a request would be
+    sent to decode among them, at a step too slow for its target."""
+    if prediction.prefill_s > room.prefill_s:
+        return False
+    own = item.tpot_target_s
+    return own is None or item.max_tokens <= 1 or room.next_step_s <= OWN_STEP_SHARE * own
 
 
 def route_verdict(
     item: QueuedRequest,
     predictions: Iterable[TtftPrediction],
-    rooms: dict[str, float],
+    rooms: dict[str, TpotRoom],
     now: float,
     margin_s: float = DISPATCH_MARGIN_S,
 ) -> tuple[Verdict, TtftPrediction | None]:
     """Where and whether a queued request goes now, TPOT-aware.
 
-    Among workers whose decoding requests can absorb its prefill (``rooms``, from
-    :func:`tpot_room`) the usual :func:`dispatch_verdict` applies. When none can, it
-    waits for room while it can afford to; once waiting longer would make it miss its
-    own TTFT target, it goes to the best worker anyway (as stock vLLM would run it):
-    its own target is not sacrificed to others' TPOT. A request already past its
-    deadline waits for room."""
+    Among workers with room for it (:func:`has_room`) the usual
+    :func:`dispatch_verdict` applies. When none has, it waits for room, even past its
+    own deadline: sent now, its prefill would break the TPOT target of a request that
+    can still meet its SLO, or it would decode too slowly for its own; held, it costs
+    one violation (its own TTFT) at most. The caller's bounded hold
+    (``max_hold_factor``) still sends it in the end. A request that cannot fit on any
+    worker at all goes at once (its error is the worker's to give)."""
     preds = list(predictions)
-    roomy = best_prediction(p for p in preds if p.prefill_s <= rooms.get(p.worker, math.inf))
+    roomy = best_prediction(p for p in preds if has_room(item, p, rooms.get(p.worker, NO_LIMIT)))
     if roomy is not None:
         return dispatch_verdict(item, roomy, now, margin_s), roomy
     best = best_prediction(preds)
     verdict = dispatch_verdict(item, best, now, margin_s)
-    can_wait = best is not None and (item.late or item.deadline - now - best.ttft_s >= margin_s)
-    if verdict is Verdict.DISPATCH and best is not None and best.fits and can_wait:
+    if verdict is Verdict.DISPATCH and best is not None and best.fits:
+        if not item.late and best.ttft_s - best.wait_s > item.deadline - now:
+            return Verdict.LATE, best
         return Verdict.WAIT, best
     return verdict, best
 

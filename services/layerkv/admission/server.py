@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -27,9 +26,11 @@ from layerkv.admission.load_reports import LoadPublisher
 from layerkv.admission.outcomes import OutcomeRecorder
 from layerkv.admission.queue import QueuedRequest, QueueFull, create_queue
 from layerkv.admission.routing import (
+    NO_LIMIT,
     START_NOW_S,
     ClassPolicy,
     Rejection,
+    TpotRoom,
     Verdict,
     best_prediction,
     deadline_for,
@@ -209,7 +210,7 @@ class AdmissionService:
         routable = self.pool.routable(now)
         snaps = {w.address: w.snapshot(self.pool.prior, now) for w in routable}
         rooms = {
-            w.address: self._tpot_room(w, snaps[w.address], now) if self.tpot_guard else math.inf
+            w.address: self._tpot_room(w, snaps[w.address], now) if self.tpot_guard else NO_LIMIT
             for w in routable
         }
         for i, item in enumerate(self.queue):
@@ -239,11 +240,13 @@ class AdmissionService:
                     item.max_tokens,
                     item.tpot_target_s,
                     offloaded_groups=snaps[worker.address].kv.groups - best.resident_groups,
+                    first_token_due=item.deadline,
                 )
                 if self.decision_log is not None:
                     self._log_decision(item, worker, snaps[worker.address], best, now)
                 snaps[worker.address] = worker.snapshot(self.pool.prior, now)
-                rooms[worker.address] -= best.prefill_s
+                if self.tpot_guard:
+                    rooms[worker.address] = self._tpot_room(worker, snaps[worker.address], now)
                 future.set_result(_Routed(worker, best, now, now - item.arrival))
             elif verdict is Verdict.EXPIRED:
                 self.queue.remove(item)
@@ -259,15 +262,24 @@ class AdmissionService:
         self._queue_metrics()
 
     @staticmethod
-    def _tpot_room(worker: WorkerEndpoint, snap: WorkerSnapshot, now: float) -> float:
+    def _tpot_room(worker: WorkerEndpoint, snap: WorkerSnapshot, now: float) -> TpotRoom:
         lat = snap.latency
-        return tpot_room(
+        n = len(snap.running)
+        # The step everyone there would take once the queued requests and one more
+        # decode too. From the cadence the tokens stream through here at when known
+        # (the engine's step fit misses what surrounds the step), plus what the
+        # additional sequences add.
+        step = lat.decode_step(n + len(snap.waiting) + 1)
+        observed = worker.observed_decode_step()
+        if observed is not None:
+            step = max(step, observed + step - lat.decode_step(max(n, 1)))
+        prefill_s = tpot_room(
             worker.decode_progress(),
             now,
-            # One more request decoding: the step it would make everyone take.
-            lat.decode_step(len(snap.running) + 1),
+            step,
             sum(lat.prefill_s(r.prompt_tokens) for r in snap.waiting),
         )
+        return TpotRoom(prefill_s, step)
 
     def _log_decision(
         self,

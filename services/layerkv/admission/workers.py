@@ -49,7 +49,9 @@ class LocalRequest:
     output_tokens: int = 0
     started: bool = False
     tpot_target_s: float | None = None
+    first_token_due: float | None = None  # monotonic: its TTFT deadline
     first_token_at: float | None = None  # monotonic
+    last_token_at: float | None = None  # monotonic
     # LayerKV: groups the prediction at dispatch expected it to offload, until a load
     # report says how many it did.
     offloaded_groups: int = 0
@@ -73,6 +75,11 @@ class WorkerEndpoint:
     # them wait must not shift it).
     overhead_s: float = 0.0
     overhead_samples: deque[float] = field(default_factory=lambda: deque(maxlen=31), repr=False)
+    # Seconds per token between consecutive token messages of one request, as streamed
+    # through here: the decode cadence its clients get, engine step plus everything
+    # around it (output processing, the worker's and this service's streaming, the
+    # CPU they share), which the engine's own step fit does not see.
+    token_intervals: deque[float] = field(default_factory=lambda: deque(maxlen=63), repr=False)
 
     def healthy(self, now: float) -> bool:
         return now >= self.unhealthy_until
@@ -204,22 +211,37 @@ class WorkerEndpoint:
         max_tokens: int,
         tpot_target_s: float | None = None,
         offloaded_groups: int = 0,
+        first_token_due: float | None = None,
     ) -> None:
         self.local[request_id] = LocalRequest(
             prompt_tokens,
             max_tokens,
             time.monotonic(),
             tpot_target_s=tpot_target_s,
+            first_token_due=first_token_due,
             offloaded_groups=offloaded_groups,
         )
 
-    def streamed(self, request_id: str, tokens: int) -> None:
+    def streamed(self, request_id: str, tokens: int, now: float | None = None) -> None:
         mine = self.local.get(request_id)
-        if mine is not None:
-            if not mine.started:
-                mine.first_token_at = time.monotonic()
+        if mine is None or tokens < 1:
+            return
+        now = time.monotonic() if now is None else now
+        if not mine.started:
+            mine.first_token_at = now
             mine.started = True
-            mine.output_tokens += tokens
+        elif mine.last_token_at is not None:
+            self.token_intervals.append((now - mine.last_token_at) / tokens)
+        mine.last_token_at = now
+        mine.output_tokens += tokens
+
+    def observed_decode_step(self) -> float | None:
+        """The median time per token between token messages over the recent ones
+        (a median: the intervals a prefill stalled are the few long ones); None
+        before there are enough to tell."""
+        if len(self.token_intervals) < 8:
+            return None
+        return statistics.median(self.token_intervals)
 
     def decode_progress(self) -> list[DecodeProgress]:
         """The TPOT state of the requests this service has decoding on the worker."""
@@ -229,6 +251,7 @@ class WorkerEndpoint:
                 output_tokens=r.output_tokens,
                 first_token_time_s=r.first_token_at,
                 remaining_tokens=max(r.max_tokens - r.output_tokens, 0),
+                first_token_due_s=r.first_token_due,
             )
             for r in self.local.values()
             if r.started

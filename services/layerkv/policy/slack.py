@@ -23,6 +23,8 @@ class DecodeProgress:
     output_tokens: int
     first_token_time_s: float | None
     remaining_tokens: int
+    # When its first token was due (its TTFT deadline); None = not known here.
+    first_token_due_s: float | None = None
 
 
 def tpot_slack(progress: DecodeProgress, now_s: float, decode_step_s: float) -> float:
@@ -44,6 +46,33 @@ def tpot_slack(progress: DecodeProgress, now_s: float, decode_step_s: float) -> 
 
 def min_slack(progress: Iterable[DecodeProgress], now_s: float, decode_step_s: float) -> float:
     return min((tpot_slack(p, now_s, decode_step_s) for p in progress), default=math.inf)
+
+
+def missed_ttft(progress: DecodeProgress) -> bool:
+    """Whether its first token came after it was due: its SLO is already violated."""
+    return (
+        progress.first_token_due_s is not None
+        and progress.first_token_time_s is not None
+        and progress.first_token_time_s > progress.first_token_due_s
+    )
+
+
+def protected_slack(progress: DecodeProgress, now_s: float, decode_step_s: float) -> float:
+    """:func:`tpot_slack`, for the requests whose SLO can still be met; +inf for the
+    others (first token late, or a TPOT budget already overspent at this decode
+    step). Stalling a request that violates its SLO whatever happens next changes
+    nothing for it, and protecting it would hold back requests that can still make it:
+    under overload, that is how one lost cause turns into several."""
+    if missed_ttft(progress):
+        return math.inf
+    slack = tpot_slack(progress, now_s, decode_step_s)
+    return math.inf if slack < 0 else slack
+
+
+def min_protected_slack(
+    progress: Iterable[DecodeProgress], now_s: float, decode_step_s: float
+) -> float:
+    return min((protected_slack(p, now_s, decode_step_s) for p in progress), default=math.inf)
 
 
 def admit_early(min_slack_s: float, already_inserted_s: float, predicted_prefill_s: float) -> bool:

@@ -75,7 +75,24 @@ class Proc:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _spawn(name: str, argv: list[str], log_dir: Path | None, env: dict | None = None) -> Proc:
+def parse_cpus(spec: str | None) -> set[int] | None:
+    """``"0,2-3"`` -> {0, 2, 3}; None/"" -> None."""
+    if not spec:
+        return None
+    out: set[int] = set()
+    for part in spec.split(","):
+        lo, dash, hi = part.partition("-")
+        out.update(range(int(lo), int(hi if dash else lo) + 1))
+    return out
+
+
+def _spawn(
+    name: str,
+    argv: list[str],
+    log_dir: Path | None,
+    env: dict | None = None,
+    cpus: set[int] | None = None,
+) -> Proc:
     log_path = None
     out = None
     if log_dir is not None:
@@ -88,6 +105,8 @@ def _spawn(name: str, argv: list[str], log_dir: Path | None, env: dict | None = 
         stderr=subprocess.STDOUT if out else None,
         env={**os.environ, **(env or {})},
         start_new_session=True,  # Ctrl-C in a terminal reaches only the launcher
+        # Inherited by every process and thread it starts.
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
     return Proc(name, popen, log_path)
 
@@ -121,7 +140,9 @@ def engine_cpus(workers: int) -> list[str | None]:
     default ("auto" binding, the other cores kept for the frontend). Two engines on one
     machine then share that core and starve each other: measured here, an idle engine
     took 4.4 s to start a request while the other computed. In Kubernetes each worker
-    pod has its own CPUs, so this only matters for several workers on one machine."""
+    pod has its own CPUs, so this only matters for several workers on one machine
+    (:func:`start_worker` then confines each worker's processes to its set, as a pod's
+    cpuset would)."""
     if workers <= 1:
         return [None] * workers
     cpus = sorted(os.sched_getaffinity(0))
@@ -141,7 +162,13 @@ def start_worker(
     name: str | None = None,
     cpus: str | None = None,
 ) -> Proc:
-    """A worker process; ``cpus`` pins its engine's compute threads (see ``engine_cpus``)."""
+    """A worker process. ``cpus`` (see :func:`engine_cpus`) pins its engine's compute
+    threads, and confines all its processes to those CPUs, as a Kubernetes pod's
+    cpuset does: its engine core process busy-polls the model process through shared
+    memory (vLLM's ``SpinCondition``, ~60% of a core measured while it computes), and
+    left free to roam that spinning lands on the other engine's core. Measured with two
+    engines at 4.8 req/s of the bench's mixed workload: interactive TTFT p90 0.42 s and
+    TPOT p90 24 ms unconfined, 55 ms and 9.4 ms confined."""
     argv = [
         sys.executable, "-m", "layerkv.worker",
         "--model", model,
@@ -151,7 +178,7 @@ def start_worker(
         *(extra_args or []),
     ]  # fmt: skip
     env = {"VLLM_CPU_OMP_THREADS_BIND": cpus} if cpus else None
-    proc = _spawn(name or f"worker-{port}", argv, log_dir, env)
+    proc = _spawn(name or f"worker-{port}", argv, log_dir, env, cpus=parse_cpus(cpus))
     proc.address = f"127.0.0.1:{port}"
     return proc
 
