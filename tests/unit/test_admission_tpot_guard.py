@@ -170,8 +170,9 @@ async def test_the_room_uses_the_cadence_tokens_stream_at():
     # One request decoding, 30 tokens against a 20 ms target, 70 to go, tokens 10 ms
     # apart so far (0.29 s): with the engine's 10 ms step its slack is
     # 99 x 20 - 290 - 700 = 990 ms, room for a 6000-token prefill (610 ms). Once its
-    # tokens stream 15 ms apart (0.435 s so far) the 70 to go take 1.05 s, the slack
-    # is 495 ms: a 6000-token prompt waits, a 1500-token one (160 ms) goes.
+    # tokens stream 15 ms apart (0.435 s so far; 1.5x the engine's step) the 70 to go
+    # take 1.05 s, the slack is 495 ms: a 6000-token prompt waits, a 1500-token one
+    # (160 ms) goes.
     service = await service_with({"a:1": []})
     (w,) = service.pool.workers
     try:
@@ -196,19 +197,22 @@ async def test_the_room_uses_the_cadence_tokens_stream_at():
 
 
 async def test_a_request_waits_where_the_decode_step_is_too_slow_for_its_own_target():
-    # The decoding request there is past its own TPOT budget (unprotected: any prefill
-    # fits), but tokens stream 18 ms apart: a new request with a 20 ms target would
-    # decode at more than 0.8 of it, with no slack for later prefills. It waits.
+    # Engine step 10 ms + 2 ms per sequence. The request decoding there is past its own
+    # TPOT budget (unprotected: any prefill fits), but its tokens stream 18 ms apart,
+    # 1.5x the engine's 12 ms step for one sequence: with one more, every step takes
+    # 1.5 x 14 = 21 ms, more than 0.8 of a new request's 20 ms target. It waits.
     service = await service_with({"a:1": []})
     (w,) = service.pool.workers
+    w.load.decode_step_s_per_seq = 0.002
     try:
         w.dispatched("x", 100, 100, 0.010)
         stream_at(w, "x", 30, 0.018)
         item = queued(service, "short", 100)
         service.dispatch()
         assert not item.payload.done()
-        w.finished("x")  # the slow decode ends: the cadence is no longer the limit
-        w.token_intervals.clear()
+        # The slow decode ends. Alone there it would step 1.5 x 12 = 18 ms, still over
+        # 0.8 x 20 ms, but no worker does better than idle: holding it gains nothing.
+        w.finished("x")
         service.dispatch()
         assert item.payload.done()
     finally:

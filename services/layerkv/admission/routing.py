@@ -142,6 +142,8 @@ class TpotRoom:
     prefill_s: float = math.inf
     # The decode step every request there would take with one more decoding.
     next_step_s: float = 0.0
+    # The step with one request decoding: no worker does better than idle.
+    idle_step_s: float = 0.0
 
 
 NO_LIMIT = TpotRoom()
@@ -173,7 +175,11 @@ def has_room(item: QueuedRequest, prediction: TtftPrediction, room: TpotRoom) ->
     if prediction.prefill_s > room.prefill_s:
         return False
     own = item.tpot_target_s
-    return own is None or item.max_tokens <= 1 or room.next_step_s <= OWN_STEP_SHARE * own
+    if own is None or item.max_tokens <= 1:
+        return True
+    # A target even an idle worker cannot keep is not the queue's to enforce: holding
+    # the request would not make it any faster.
+    return room.next_step_s <= max(OWN_STEP_SHARE * own, room.idle_step_s)
 
 
 def route_verdict(

@@ -264,22 +264,18 @@ class AdmissionService:
     @staticmethod
     def _tpot_room(worker: WorkerEndpoint, snap: WorkerSnapshot, now: float) -> TpotRoom:
         lat = snap.latency
-        n = len(snap.running)
         # The step everyone there would take once the queued requests and one more
-        # decode too. From the cadence the tokens stream through here at when known
-        # (the engine's step fit misses what surrounds the step), plus what the
-        # additional sequences add.
-        step = lat.decode_step(n + len(snap.waiting) + 1)
-        observed = worker.observed_decode_step()
-        if observed is not None:
-            step = max(step, observed + step - lat.decode_step(max(n, 1)))
+        # decode too, scaled by how much slower tokens have been streaming through
+        # here than the engine's step fit says (it misses the output path around it).
+        factor = worker.decode_step_factor(lat.decode_step)
+        step = factor * lat.decode_step(len(snap.running) + len(snap.waiting) + 1)
         prefill_s = tpot_room(
             worker.decode_progress(),
             now,
             step,
             sum(lat.prefill_s(r.prompt_tokens) for r in snap.waiting),
         )
-        return TpotRoom(prefill_s, step)
+        return TpotRoom(prefill_s, step, idle_step_s=factor * lat.decode_step(1))
 
     def _log_decision(
         self,

@@ -75,11 +75,13 @@ class WorkerEndpoint:
     # them wait must not shift it).
     overhead_s: float = 0.0
     overhead_samples: deque[float] = field(default_factory=lambda: deque(maxlen=31), repr=False)
-    # Seconds per token between consecutive token messages of one request, as streamed
-    # through here: the decode cadence its clients get, engine step plus everything
-    # around it (output processing, the worker's and this service's streaming, the
-    # CPU they share), which the engine's own step fit does not see.
-    token_intervals: deque[float] = field(default_factory=lambda: deque(maxlen=63), repr=False)
+    # (seconds per token between consecutive token messages of one request, requests
+    # decoding here then), as streamed through here: the decode cadence clients get,
+    # engine step plus everything around it (output processing, the worker's and this
+    # service's streaming, the CPU they share), which the engine's step fit misses.
+    token_intervals: deque[tuple[float, int]] = field(
+        default_factory=lambda: deque(maxlen=63), repr=False
+    )
 
     def healthy(self, now: float) -> bool:
         return now >= self.unhealthy_until
@@ -231,17 +233,20 @@ class WorkerEndpoint:
             mine.first_token_at = now
             mine.started = True
         elif mine.last_token_at is not None:
-            self.token_intervals.append((now - mine.last_token_at) / tokens)
+            decoding = sum(r.started for r in self.local.values())
+            self.token_intervals.append(((now - mine.last_token_at) / tokens, decoding))
         mine.last_token_at = now
         mine.output_tokens += tokens
 
-    def observed_decode_step(self) -> float | None:
-        """The median time per token between token messages over the recent ones
-        (a median: the intervals a prefill stalled are the few long ones); None
-        before there are enough to tell."""
+    def decode_step_factor(self, decode_step: Callable[[int], float]) -> float:
+        """How much slower tokens stream than ``decode_step`` (the engine's fitted step
+        for n sequences) says: the median ratio over the recent token messages (a
+        median: the intervals a prefill stalled are the few long ones); 1 until there
+        are enough, and never below 1 (the step is part of every interval)."""
         if len(self.token_intervals) < 8:
-            return None
-        return statistics.median(self.token_intervals)
+            return 1.0
+        ratios = [dt / step for dt, n in self.token_intervals if (step := decode_step(n)) > 0]
+        return max(1.0, statistics.median(ratios)) if ratios else 1.0
 
     def decode_progress(self) -> list[DecodeProgress]:
         """The TPOT state of the requests this service has decoding on the worker."""
