@@ -12,8 +12,8 @@ import pytest
 
 from layerkv.admission.outcomes import OutcomeRecorder
 from layerkv.admission.queue import QueuedRequest
-from layerkv.admission.routing import tpot_room
-from layerkv.admission.server import AdmissionService
+from layerkv.admission.routing import ClassPolicy, MissPolicy, tpot_room
+from layerkv.admission.server import AdmissionService, _Rejected
 from layerkv.admission.slo_classes import SloCatalog
 from layerkv.admission.workers import WorkerPool
 from layerkv.common.slo import SloTarget
@@ -130,7 +130,8 @@ async def test_a_prefill_no_worker_can_absorb_waits_in_admission():
 async def test_a_request_due_now_waits_rather_than_break_a_running_one():
     # Same two tight workers, and the request is due in 0.3 s: sent now, it would meet
     # its own TTFT but break the TPOT of a request that can still meet its SLO (and
-    # decode with no slack itself). It waits; the bounded hold still sends it in the end.
+    # decode with no slack itself). It waits, past its bounded hold too, until a worker
+    # has prefill room: then it goes there.
     service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
     try:
         item = queued(service, "due", 1500, ttft_s=0.3)
@@ -138,7 +139,32 @@ async def test_a_request_due_now_waits_rather_than_break_a_running_one():
         assert not item.payload.done()
         item.arrival -= service.max_hold_factor * item.ttft_target_s
         service.dispatch()
-        assert item.payload.done()
+        assert not item.payload.done()
+        service.pool.workers[1].finished("y")
+        service.dispatch()
+        assert item.payload.done() and item.payload.result().worker.address == "b:1"
+    finally:
+        await service.pool.close()
+
+
+async def test_a_reject_class_request_that_waited_too_long_for_room_is_rejected():
+    # A reject class (factor 2) on the same two tight workers: the request waits for
+    # room; once its wait + the best prediction exceed 2x its target it is refused
+    # with a retry-after, not sent late into decodes it would stall.
+    service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
+    service.catalog = SloCatalog(
+        [SloTarget("c", 1.0, 0.02)], None, {"c": ClassPolicy(MissPolicy.REJECT, 2.0)}
+    )
+    try:
+        item = queued(service, "r", 1500, ttft_s=1.0)
+        service.dispatch()
+        assert not item.payload.done()
+        item.arrival -= 1.9  # waited 1.9 s; + a 160 ms prefill > 2 x 1 s
+        service.dispatch()
+        assert item.payload.done() and len(service.queue) == 0
+        err = item.payload.exception()
+        assert isinstance(err, _Rejected) and err.rejection.retry_after_s > 0
+        assert "TPOT" in err.rejection.reason
     finally:
         await service.pool.close()
 

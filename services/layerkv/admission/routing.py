@@ -99,6 +99,28 @@ def should_reject(
     )
 
 
+def queued_rejection(
+    item: QueuedRequest, best: TtftPrediction | None, now: float, policy: ClassPolicy
+) -> Rejection | None:
+    """A REJECT class's verdict on a request still waiting in the queue: refused once
+    its first token, counted from its arrival (the wait so far + the best prediction
+    now), would come later than ``reject_factor`` x its target. The check at arrival
+    cannot foresee a wait for TPOT room; without this one such a request would wait on
+    and then be sent late, into decodes it stalls, under overload."""
+    if policy.on_miss is not MissPolicy.REJECT or best is None:
+        return None
+    expected = now - item.arrival + best.ttft_s
+    limit = item.ttft_target_s * policy.reject_factor
+    if expected <= limit:
+        return None
+    return Rejection(
+        min(max(expected - item.ttft_target_s, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S),
+        f"no worker can start it within {policy.reject_factor:g} x the "
+        f"{item.ttft_target_s:.3f} s target without breaking running requests' TPOT "
+        f"targets (waited {now - item.arrival:.3f} s)",
+    )
+
+
 class Verdict(enum.Enum):
     DISPATCH = "dispatch"
     WAIT = "wait"
@@ -182,6 +204,18 @@ def has_room(item: QueuedRequest, prediction: TtftPrediction, room: TpotRoom) ->
     return room.next_step_s <= max(OWN_STEP_SHARE * own, room.idle_step_s)
 
 
+def overdue_route(
+    predictions: Iterable[TtftPrediction], rooms: dict[str, TpotRoom]
+) -> TtftPrediction | None:
+    """Where a request held past its bounded hold may go: the best worker whose
+    decoding requests can absorb its prefill, whatever its own TPOT then; None while
+    no worker can. Past its deadline it has already missed its SLO: sending it into
+    decodes it would stall would only add more misses."""
+    return best_prediction(
+        p for p in predictions if p.prefill_s <= rooms.get(p.worker, NO_LIMIT).prefill_s
+    )
+
+
 def route_verdict(
     item: QueuedRequest,
     predictions: Iterable[TtftPrediction],
@@ -195,9 +229,10 @@ def route_verdict(
     :func:`dispatch_verdict` applies. When none has, it waits for room, even past its
     own deadline: sent now, its prefill would break the TPOT target of a request that
     can still meet its SLO, or it would decode too slowly for its own; held, it costs
-    one violation (its own TTFT) at most. The caller's bounded hold
-    (``max_hold_factor``) still sends it in the end. A request that cannot fit on any
-    worker at all goes at once (its error is the worker's to give)."""
+    one violation (its own TTFT) at most. Past the caller's bounded hold
+    (``max_hold_factor``) it goes to the first worker with prefill room
+    (:func:`overdue_route`). A request that cannot fit on any worker at all goes at
+    once (its error is the worker's to give)."""
     preds = list(predictions)
     roomy = best_prediction(p for p in preds if has_room(item, p, rooms.get(p.worker, NO_LIMIT)))
     if roomy is not None:

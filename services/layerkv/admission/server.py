@@ -35,6 +35,8 @@ from layerkv.admission.routing import (
     best_prediction,
     deadline_for,
     dispatch_verdict,
+    overdue_route,
+    queued_rejection,
     retry_after_s,
     route_verdict,
     should_reject,
@@ -225,12 +227,16 @@ class AdmissionService:
                 for w in routable
             ]
             verdict, best = route_verdict(item, preds, rooms, now)
-            if (
-                verdict in (Verdict.WAIT, Verdict.LATE)
-                and best is not None
-                and now - item.arrival >= self.max_hold_factor * item.ttft_target_s
-            ):
-                verdict = Verdict.DISPATCH
+            if verdict in (Verdict.WAIT, Verdict.LATE):
+                rejection = queued_rejection(item, best, now, self.catalog.policy(item.slo_class))
+                if rejection is not None:
+                    self.queue.remove(item)
+                    future.set_exception(_Rejected(rejection))
+                    continue
+                if now - item.arrival >= self.max_hold_factor * item.ttft_target_s:
+                    overdue = overdue_route(preds, rooms)
+                    if overdue is not None:
+                        verdict, best = Verdict.DISPATCH, overdue
             if verdict is Verdict.DISPATCH:
                 self.queue.remove(item)
                 worker = next(w for w in routable if w.address == best.worker)
