@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-hold-factor",
         "LAYERKV_MAX_HOLD_FACTOR",
         4.0,
-        "send a queued request anyway after this many TTFT targets",
+        "after this many TTFT targets a queued request goes to any worker with prefill room",
         type=float,
     )
     env_flag(
