@@ -344,6 +344,15 @@ async def test_frozen_worker_leaves_routing_and_comes_back(admission, stub, work
     )
 
 
+async def admitted(call) -> admission_pb2.GenerateResponse:
+    """Reads a Generate stream up to its ADMITTED decision."""
+    while True:
+        msg = await call.read()
+        assert msg is not grpc.aio.EOF and msg.HasField("decision"), msg
+        if msg.decision.kind == admission_pb2.DECISION_KIND_ADMITTED:
+            return msg
+
+
 async def test_worker_killed_mid_run_is_routed_around(admission, stub, workers, redis_server):
     """Last in the module: it kills a worker."""
     service, _ = admission
@@ -357,7 +366,9 @@ async def test_worker_killed_mid_run_is_routed_around(admission, stub, workers, 
         rids = [f"kill-{uuid.uuid4().hex[:6]}-{i}" for i in range(2)]
         # 1400 output tokens (the most max_model_len allows): still streaming at the kill.
         calls = [stub.Generate(gen_request(600, 1400, request_id=r)) for r in rids]
-        first_events = [await c.read() for c in calls]  # the ADMITTED decisions
+        # The ADMITTED decisions (the second may be QUEUED first: late binding holds it
+        # until the victim can start it, i.e. once the first has started).
+        first_events = [await admitted(c) for c in calls]
     finally:
         await occupier.close()
     assert [e.decision.worker for e in first_events] == [victim.address] * 2
