@@ -74,6 +74,15 @@ async def service_with(
     return service
 
 
+def queued_and_dispatched(
+    service: AdmissionService, rid: str, prompt_tokens: int, ttft_s: float = 1.0
+) -> QueuedRequest:
+    """A request queued, then one dispatch pass (it may go, or stay queued)."""
+    item = queued(service, rid, prompt_tokens, ttft_s)
+    service.dispatch()
+    return item
+
+
 def queued(
     service: AdmissionService, rid: str, prompt_tokens: int, ttft_s: float = 1.0
 ) -> QueuedRequest:
@@ -99,12 +108,10 @@ async def test_a_prefill_goes_to_the_worker_whose_decodes_can_absorb_it():
         preds = {p.worker: p for p in service.predictions(1500, 10)}
         assert preds["tight:1"].ttft_s < preds["idle:1"].ttft_s
         # Due in 0.4 s: too close to wait for a worker that could start it at once.
-        item = queued(service, "long", 1500, ttft_s=0.4)
-        service.dispatch()
+        item = queued_and_dispatched(service, "long", 1500, ttft_s=0.4)
         assert item.payload.done() and item.payload.result().worker.address == "idle:1"
         # A short prompt (20 ms) fits in the tight worker's slack: either may take it.
-        small = queued(service, "short", 100)
-        service.dispatch()
+        small = queued_and_dispatched(service, "short", 100)
         assert small.payload.done()
     finally:
         await service.pool.close()
@@ -114,8 +121,7 @@ async def test_a_prefill_no_worker_can_absorb_waits_in_admission():
     # 30 tokens at 10 ms against 10.5 ms, 70 to go at 10 ms: 40 ms of slack each.
     service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
     try:
-        item = queued(service, "long", 1500)
-        service.dispatch()
+        item = queued_and_dispatched(service, "long", 1500)
         assert not item.payload.done() and len(service.queue) == 1
         # The decoding requests finish: it goes.
         for w in service.pool.workers:
@@ -134,8 +140,7 @@ async def test_a_request_due_now_waits_rather_than_break_a_running_one():
     # has prefill room: then it goes there.
     service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
     try:
-        item = queued(service, "due", 1500, ttft_s=0.3)
-        service.dispatch()
+        item = queued_and_dispatched(service, "due", 1500, ttft_s=0.3)
         assert not item.payload.done()
         item.arrival -= service.max_hold_factor * item.ttft_target_s
         service.dispatch()
@@ -156,8 +161,7 @@ async def test_a_reject_class_request_that_waited_too_long_for_room_is_rejected(
         [SloTarget("c", 1.0, 0.02)], None, {"c": ClassPolicy(MissPolicy.REJECT, 2.0)}
     )
     try:
-        item = queued(service, "r", 1500, ttft_s=1.0)
-        service.dispatch()
+        item = queued_and_dispatched(service, "r", 1500, ttft_s=1.0)
         assert not item.payload.done()
         item.arrival -= 1.9  # waited 1.9 s; + a 160 ms prefill > 2 x 1 s
         service.dispatch()
@@ -178,8 +182,7 @@ async def test_requests_that_already_violate_their_slo_hold_nothing_back():
     a.local["x"].first_token_due = a.local["x"].first_token_at - 0.001
     b.local["y"].first_token_at = time.monotonic() - 0.6
     try:
-        item = queued(service, "long", 1500)
-        service.dispatch()
+        item = queued_and_dispatched(service, "long", 1500)
         assert item.payload.done() and item.payload.result().worker.address == "a:1"
     finally:
         await service.pool.close()
@@ -206,17 +209,14 @@ async def test_the_room_uses_the_cadence_tokens_stream_at():
         w.streamed("x", 1, now=time.monotonic() - 0.29)  # first token: no interval yet
         w.local["x"].first_token_at = time.monotonic() - 0.29
         w.local["x"].output_tokens = 30
-        big = queued(service, "big", 6000)
-        service.dispatch()
+        big = queued_and_dispatched(service, "big", 6000)
         assert big.payload.done()
         w.local.pop("big")
         w.dispatched("x", 100, 100, 0.020)
         stream_at(w, "x", 30, 0.015)
-        again = queued(service, "big2", 6000)
-        service.dispatch()
+        again = queued_and_dispatched(service, "big2", 6000)
         assert not again.payload.done()
-        small = queued(service, "small", 1500)
-        service.dispatch()
+        small = queued_and_dispatched(service, "small", 1500)
         assert small.payload.done()
     finally:
         await service.pool.close()
@@ -233,8 +233,7 @@ async def test_a_request_waits_where_the_decode_step_is_too_slow_for_its_own_tar
     try:
         w.dispatched("x", 100, 100, 0.010)
         stream_at(w, "x", 30, 0.018)
-        item = queued(service, "short", 100)
-        service.dispatch()
+        item = queued_and_dispatched(service, "short", 100)
         assert not item.payload.done()
         # The slow decode ends. Alone there it would step 1.5 x 12 = 18 ms, still over
         # 0.8 x 20 ms, but no worker does better than idle: holding it gains nothing.
