@@ -42,3 +42,12 @@ def test_unconfined_without_cpus(tmp_path):
 def test_bad_cpu_specs_raise(spec):
     with pytest.raises(ValueError):
         local_stack.parse_cpus(spec)
+
+
+def test_a_worker_on_cpus_this_machine_does_not_have_is_refused_before_it_starts(tmp_path):
+    missing = max(os.sched_getaffinity(0)) + 1
+    with pytest.raises(ValueError, match="not all available"):
+        local_stack.start_worker(
+            local_stack.free_port(), model="unused", log_dir=tmp_path, cpus=str(missing)
+        )
+    assert not list(tmp_path.iterdir())  # nothing was spawned

@@ -178,7 +178,15 @@ def start_worker(
         *(extra_args or []),
     ]  # fmt: skip
     env = {"VLLM_CPU_OMP_THREADS_BIND": cpus} if cpus else None
-    proc = _spawn(name or f"worker-{port}", argv, log_dir, env, cpus=parse_cpus(cpus))
+    cpu_set = parse_cpus(cpus)
+    if cpu_set is not None and not cpu_set <= os.sched_getaffinity(0):
+        # Checked here: a failing sched_setaffinity in the child only says "Exception
+        # occurred in preexec_fn".
+        raise ValueError(
+            f"cpus {cpus!r} are not all available to this process "
+            f"(available: {sorted(os.sched_getaffinity(0))})"
+        )
+    proc = _spawn(name or f"worker-{port}", argv, log_dir, env, cpus=cpu_set)
     proc.address = f"127.0.0.1:{port}"
     return proc
 
