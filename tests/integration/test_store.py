@@ -17,10 +17,11 @@ def store(redis_server):
         s.client.delete(key)
 
 
-def outcome(i: int, t: float, ttft: float, tpot: float, status="ok", cls="chat"):
+def outcome(i: int, t: float, ttft: float, tpot: float, status="ok", cls="chat", predicted=None):
     return RequestOutcome(
-        request_id=f"r{i}", slo_class=cls, status=status, finished_at=t, ttft_s=ttft, tpot_s=tpot
-    )
+        request_id=f"r{i}", slo_class=cls, status=status, finished_at=t, ttft_s=ttft, tpot_s=tpot,
+        predicted_ttft_s=predicted,
+    )  # fmt: skip
 
 
 TARGET = SloTarget("chat", ttft_s=1.0, tpot_s=0.1)
@@ -50,6 +51,34 @@ def test_window_counts_rates_and_percentiles(store):
     assert 2.0 < w.ttft_percentile(95) <= 3.0  # p95 lies among the slow ones
     assert w.ttft_percentile(50) <= 0.2
     assert w.newest_at == pytest.approx(now - 30 + 99 * 0.3)
+
+
+def test_a_batch_counts_statuses_and_prediction_errors(store):
+    batch = [
+        (outcome(1, 1000.0, 0.5, 0.05, predicted=0.4), TARGET),
+        (outcome(2, 1000.5, 2.0, 0.2, predicted=3.0), TARGET),
+        (RequestOutcome("r3", "chat", "rejected", 1001.0, predicted_ttft_s=4.0), TARGET),
+    ]
+    store.record_outcomes(batch)
+    w = store.window_stats("chat", 60, now=1002.0)
+    assert (w.requests, w.errors, w.violations) == (3, 1, 2)
+    assert (w.ttft_violations, w.tpot_violations) == (2, 1)
+    assert w.predicted == 2  # the rejected one has a prediction but no first token
+    assert w.ttft_pred_err_sum_s == pytest.approx(-0.1 + 1.0)
+    assert w.ttft_pred_abs_err_sum_s == pytest.approx(0.1 + 1.0)
+    assert w.ttft_mape == pytest.approx((0.1 / 0.5 + 1.0 / 2.0) / 2)
+    assert store.get_outcome("r3")["ttft_s"] == ""  # None is stored as ""
+    assert store.get_outcome("r2")["predicted_ttft_s"] == "3.0"
+
+
+def test_outcomes_are_recorded_after_redis_forgets_its_scripts(store):
+    # A restarted Redis has an empty script cache: the store loads its script again.
+    store.record_outcome(outcome(1, 1000.0, 0.1, 0.01), TARGET)
+    store.client.script_flush()
+    store.record_outcome(outcome(2, 1000.0, 0.1, 0.01), TARGET)
+    store.client.script_flush()
+    store.record_outcomes([(outcome(3, 1000.0, 0.1, 0.01), TARGET)] * 2)
+    assert store.window_stats("chat", 60, now=1001.0).requests == 4
 
 
 def test_empty_window_has_no_rate(store):

@@ -38,6 +38,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     env_flag(
         p,
+        "--outcome-flush-interval-s",
+        "LAYERKV_OUTCOME_FLUSH_INTERVAL_S",
+        0.1,
+        "longest an outcome waits to be written to Redis with others",
+        type=float,
+    )
+    env_flag(
+        p,
         "--slo-classes",
         "LAYERKV_SLO_CLASSES",
         "",
@@ -132,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.default_ttft_ms <= 0 or args.default_tpot_ms <= 0:
         print("error: --default-ttft-ms and --default-tpot-ms must be > 0", file=sys.stderr)
         return 2
+    if args.outcome_flush_interval_s < 0:
+        print("error: --outcome-flush-interval-s must be >= 0", file=sys.stderr)
+        return 2
     settings = AdmissionSettings(
         workers=workers,
         redis_url=args.redis_url,
@@ -143,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         default_tpot_s=args.default_tpot_ms / 1000,
         slo_refresh_s=args.slo_refresh_s,
         outcome_buffer=args.outcome_buffer,
+        outcome_flush_interval_s=args.outcome_flush_interval_s,
         drain_timeout_s=args.drain_timeout,
         classes=classes,
         policies=policies,

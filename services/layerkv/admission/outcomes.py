@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import deque
 
@@ -27,15 +28,21 @@ class OutcomeRecorder:
         store: MetricsStore | None,
         *,
         capacity: int = 10_000,
+        batch_size: int = 256,
+        flush_interval_s: float = 0.1,
         retry_initial_s: float = 0.2,
         retry_max_s: float = 5.0,
     ) -> None:
         self.store = store
         self.capacity = capacity
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
         self._buffer: deque[tuple[RequestOutcome, SloTarget | None]] = deque()
         self._wakeup = asyncio.Event()
         self._empty = asyncio.Event()  # set whenever the buffer is empty
         self._empty.set()
+        self._batch_full = asyncio.Event()  # set: batch_size waiting, or closing
+        self._closing = False
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._task: asyncio.Task | None = None
@@ -55,6 +62,8 @@ class OutcomeRecorder:
         self._empty.clear()
         metrics.OUTCOMES_BUFFERED.set(len(self._buffer))
         self._wakeup.set()
+        if len(self._buffer) >= self.batch_size:
+            self._batch_full.set()
 
     @property
     def pending(self) -> int:
@@ -68,6 +77,8 @@ class OutcomeRecorder:
         """Flush what can be flushed within ``timeout_s`` (used when draining)."""
         if self._task is None:
             return
+        self._closing = True  # write what is left at once
+        self._batch_full.set()
         if self._buffer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._empty.wait(), timeout_s)
@@ -85,9 +96,14 @@ class OutcomeRecorder:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            outcome, target = self._buffer[0]
+            lingering = self.flush_interval_s > 0 and not self._closing
+            if lingering and len(self._buffer) < self.batch_size:
+                self._batch_full.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._batch_full.wait(), self.flush_interval_s)
+            batch = list(itertools.islice(self._buffer, self.batch_size))
             try:
-                await asyncio.to_thread(self.store.record_outcome, outcome, target)
+                await asyncio.to_thread(self.store.record_outcomes, batch)
             except redis.RedisError as e:
                 metrics.OUTCOME_WRITE_ERRORS.inc()
                 if self.redis_ok:
@@ -100,9 +116,11 @@ class OutcomeRecorder:
                 log.info("Redis is back; flushing %d buffered outcomes", len(self._buffer))
             self.redis_ok = True
             delay = self._retry_initial_s
-            # Only now is it safe to drop it: a failed write keeps it at the head.
-            if self._buffer and self._buffer[0][0] is outcome:
+            # Only now is it safe to drop them: a failed write keeps them at the head
+            # (those the buffer dropped meanwhile, when full, are gone already).
+            written = {id(item) for item in batch}
+            while self._buffer and id(self._buffer[0]) in written:
                 self._buffer.popleft()
-            self.written += 1
-            metrics.OUTCOMES_WRITTEN.inc()
+            self.written += len(batch)
+            metrics.OUTCOMES_WRITTEN.inc(len(batch))
             metrics.OUTCOMES_BUFFERED.set(len(self._buffer))

@@ -705,6 +705,7 @@ class AdmissionSettings:
     default_tpot_s: float = 0.1
     slo_refresh_s: float = 5.0
     outcome_buffer: int = 10_000
+    outcome_flush_interval_s: float = 0.1
     drain_timeout_s: float = 30.0
     # Extra SLO classes from config (Redis targets override them), and what each class
     # does when no worker can meet its target now.
@@ -742,7 +743,11 @@ def build_service(settings: AdmissionSettings) -> AdmissionService:
             dict(settings.policies),
             settings.default_policy,
         ),
-        OutcomeRecorder(store, capacity=settings.outcome_buffer),
+        OutcomeRecorder(
+            store,
+            capacity=settings.outcome_buffer,
+            flush_interval_s=settings.outcome_flush_interval_s,
+        ),
         queue_capacity=settings.queue_capacity,
         queue_policy=settings.queue_policy,
         max_hold_factor=settings.max_hold_factor,
