@@ -13,12 +13,12 @@ import pytest
 from layerkv.admission.outcomes import OutcomeRecorder
 from layerkv.admission.queue import QueuedRequest
 from layerkv.admission.routing import ClassPolicy, MissPolicy, tpot_room
-from layerkv.admission.server import AdmissionService, _Rejected
+from layerkv.admission.server import AdmissionService, _Rejected, _Routed
 from layerkv.admission.slo_classes import SloCatalog
 from layerkv.admission.workers import WorkerPool
 from layerkv.common.slo import SloTarget
 from layerkv.policy.slack import DecodeProgress
-from layerkv.v1 import worker_pb2
+from layerkv.v1 import admission_pb2, worker_pb2
 
 # Prefill 10 ms + 0.1 ms per token; decode step 10 ms.
 LOAD = dict(
@@ -240,5 +240,32 @@ async def test_a_request_waits_where_the_decode_step_is_too_slow_for_its_own_tar
         w.finished("x")
         service.dispatch()
         assert item.payload.done()
+    finally:
+        await service.pool.close()
+
+
+async def route(service: AdmissionService, rid: str, prompt_tokens: int) -> list:
+    """What ``_route`` yields for a new request with nothing ahead of it, up to the
+    point where it would wait for a dispatch pass."""
+    target = service.catalog.get("c")
+    steps = service._route(rid, target, ClassPolicy(), prompt_tokens, 10, 0, None, time.monotonic())
+    out = [await anext(steps)]
+    if not isinstance(out[0], _Routed):
+        await steps.aclose()  # leaves the queue as it found it
+    return out
+
+
+async def test_an_arrival_with_an_empty_queue_is_decided_as_a_dispatch_pass_would():
+    # The fast path (empty queue: decided without queueing) keeps the guard: the
+    # 1500-token prompt no worker can absorb is held (QUEUED), the 100-token one goes.
+    service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
+    try:
+        (held,) = await route(service, "long", 1500)
+        assert not isinstance(held, _Routed)
+        assert held.kind == admission_pb2.DECISION_KIND_QUEUED
+        assert len(service.queue) == 0 and "long" not in service.pool.workers[0].local
+        (sent,) = await route(service, "short", 100)
+        assert isinstance(sent, _Routed) and sent.queued_s >= 0
+        assert "short" in sent.worker.local and len(service.queue) == 0
     finally:
         await service.pool.close()

@@ -128,6 +128,23 @@ class _Routed:
         return self.queued_s + self.prediction.ttft_s
 
 
+@dataclass
+class _View:
+    """The routable workers as one dispatch pass sees them: their snapshots and the
+    TPOT room each has left (the guard), refreshed for a worker once a request is sent
+    there. Built once per pass: on this path every microsecond is added latency."""
+
+    now: float
+    workers: list[WorkerEndpoint]
+    snaps: dict[str, WorkerSnapshot]
+    rooms: dict[str, TpotRoom]
+
+    def predictions(self, prompt_tokens: int, max_tokens: int) -> list[TtftPrediction]:
+        return [
+            predict_ttft(self.snaps[w.address], prompt_tokens, max_tokens) for w in self.workers
+        ]
+
+
 class AdmissionService:
     """Implements ``layerkv.v1.Admission``."""
 
@@ -201,20 +218,14 @@ class AdmissionService:
 
     # -- the admission queue ------------------------------------------------------------
 
-    def dispatch(self) -> None:
+    def dispatch(self, view: _View | None = None) -> None:
         """One pass over the queue in service order: send what can go now.
 
         Called when a request arrives, when worker state is refreshed and when a
         request gets its first token or ends (capacity may have freed)."""
         if not self.queue:
             return
-        now = time.monotonic()
-        routable = self.pool.routable(now)
-        snaps = {w.address: w.snapshot(self.pool.prior, now) for w in routable}
-        rooms = {
-            w.address: self._tpot_room(w, snaps[w.address], now) if self.tpot_guard else NO_LIMIT
-            for w in routable
-        }
+        view = self._view() if view is None else view
         for i, item in enumerate(self.queue):
             if i >= _DISPATCH_SCAN:
                 break
@@ -222,38 +233,13 @@ class AdmissionService:
             if future.done():
                 self.queue.remove(item)
                 continue
-            preds = [
-                predict_ttft(snaps[w.address], item.prompt_tokens, item.max_tokens)
-                for w in routable
-            ]
-            verdict, best = route_verdict(item, preds, rooms, now)
-            if verdict in (Verdict.WAIT, Verdict.LATE):
-                rejection = queued_rejection(item, best, now, self.catalog.policy(item.slo_class))
-                if rejection is not None:
-                    self.queue.remove(item)
-                    future.set_exception(_Rejected(rejection))
-                    continue
-                if now - item.arrival >= self.max_hold_factor * item.ttft_target_s:
-                    overdue = overdue_route(preds, rooms)
-                    if overdue is not None:
-                        verdict, best = Verdict.DISPATCH, overdue
-            if verdict is Verdict.DISPATCH:
+            verdict, best, rejection = self._decide(item, view)
+            if rejection is not None:
                 self.queue.remove(item)
-                worker = next(w for w in routable if w.address == best.worker)
-                worker.dispatched(
-                    item.request_id,
-                    item.prompt_tokens,
-                    item.max_tokens,
-                    item.tpot_target_s,
-                    offloaded_groups=snaps[worker.address].kv.groups - best.resident_groups,
-                    first_token_due=item.deadline,
-                )
-                if self.decision_log is not None:
-                    self._log_decision(item, worker, snaps[worker.address], best, now)
-                snaps[worker.address] = worker.snapshot(self.pool.prior, now)
-                if self.tpot_guard:
-                    rooms[worker.address] = self._tpot_room(worker, snaps[worker.address], now)
-                future.set_result(_Routed(worker, best, now, now - item.arrival))
+                future.set_exception(_Rejected(rejection))
+            elif verdict is Verdict.DISPATCH:
+                self.queue.remove(item)
+                future.set_result(self._send(item, best, view))
             elif verdict is Verdict.EXPIRED:
                 self.queue.remove(item)
                 future.set_exception(
@@ -267,13 +253,66 @@ class AdmissionService:
                 self.queue.mark_late(item)
         self._queue_metrics()
 
+    def _view(self) -> _View:
+        now = time.monotonic()
+        routable = self.pool.routable(now)
+        snaps = {w.address: w.snapshot(self.pool.prior, now) for w in routable}
+        rooms = {
+            w.address: self._tpot_room(w, snaps[w.address], now) if self.tpot_guard else NO_LIMIT
+            for w in routable
+        }
+        return _View(now, routable, snaps, rooms)
+
+    def _decide(
+        self, item: QueuedRequest, view: _View, preds: list[TtftPrediction] | None = None
+    ) -> tuple[Verdict, TtftPrediction | None, Rejection | None]:
+        """What to do with ``item`` now (changes nothing): its verdict, the worker
+        prediction it would go with, and a rejection if its class gives up on it."""
+        if preds is None:
+            preds = view.predictions(item.prompt_tokens, item.max_tokens)
+        verdict, best = route_verdict(item, preds, view.rooms, view.now)
+        if verdict in (Verdict.WAIT, Verdict.LATE):
+            policy = self.catalog.policy(item.slo_class)
+            rejection = queued_rejection(item, best, view.now, policy)
+            if rejection is not None:
+                return verdict, best, rejection
+            if view.now - item.arrival >= self.max_hold_factor * item.ttft_target_s:
+                overdue = overdue_route(preds, view.rooms)
+                if overdue is not None:
+                    return Verdict.DISPATCH, overdue, None
+        return verdict, best, None
+
+    def _send(
+        self, item: QueuedRequest, best: TtftPrediction, view: _View, *, last: bool = False
+    ) -> _Routed:
+        """Book ``item`` on the worker ``best`` names, and update ``view`` for the next
+        request of the pass (``last``: there is none)."""
+        worker = next(w for w in view.workers if w.address == best.worker)
+        snap = view.snaps[worker.address]
+        worker.dispatched(
+            item.request_id,
+            item.prompt_tokens,
+            item.max_tokens,
+            item.tpot_target_s,
+            offloaded_groups=snap.kv.groups - best.resident_groups,
+            first_token_due=item.deadline,
+        )
+        if self.decision_log is not None:
+            self._log_decision(item, worker, snap, best, view.now)
+        if last:
+            return _Routed(worker, best, view.now, view.now - item.arrival)
+        view.snaps[worker.address] = snap = worker.snapshot(self.pool.prior, view.now)
+        if self.tpot_guard:
+            view.rooms[worker.address] = self._tpot_room(worker, snap, view.now)
+        return _Routed(worker, best, view.now, view.now - item.arrival)
+
     @staticmethod
     def _tpot_room(worker: WorkerEndpoint, snap: WorkerSnapshot, now: float) -> TpotRoom:
         lat = snap.latency
         # The step everyone there would take once the queued requests and one more
         # decode too, scaled by how much slower tokens have been streaming through
         # here than the engine's step fit says (it misses the output path around it).
-        factor = worker.decode_step_factor(lat.decode_step)
+        factor = worker.decode_step_factor(lat)
         step = factor * lat.decode_step(len(snap.running) + len(snap.waiting) + 1)
         prefill_s = tpot_room(
             worker.decode_progress(),
@@ -324,7 +363,9 @@ class AdmissionService:
         arrival: float,
     ):
         """Yields a QUEUED decision if the request has to wait, then its ``_Routed``."""
-        best = best_prediction(self.predictions(prompt_tokens, max_tokens))
+        view = self._view()
+        preds = view.predictions(prompt_tokens, max_tokens)
+        best = best_prediction(preds)
         rejection = should_reject(best, target.ttft_s, policy)
         if rejection is not None:
             raise _Rejected(rejection)
@@ -339,14 +380,21 @@ class AdmissionService:
             max_tokens=max_tokens,
             client_deadline=client_deadline,
             tpot_target_s=target.tpot_s,
-            payload=asyncio.get_running_loop().create_future(),
         )
+        if not self.queue:
+            # Nothing ahead of it: one that can go now goes without touching the queue
+            # (the same decision the queue's dispatch pass would make, made once).
+            verdict, chosen, rejection = self._decide(item, view, preds)
+            if rejection is None and verdict is Verdict.DISPATCH:
+                yield self._send(item, chosen, view, last=True)
+                return
+        item.payload = asyncio.get_running_loop().create_future()
         try:
             self.queue.push(item)
         except QueueFull as e:
             raise _Rejected(Rejection(retry_after_s(best, target.ttft_s), str(e))) from e
         try:
-            self.dispatch()
+            self.dispatch(view)
             if not item.payload.done():
                 metrics.DECISIONS.labels(target.name, "queued").inc()
                 yield self._decision(

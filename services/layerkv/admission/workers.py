@@ -82,6 +82,7 @@ class WorkerEndpoint:
     token_intervals: deque[tuple[float, int]] = field(
         default_factory=lambda: deque(maxlen=63), repr=False
     )
+    _step_factor: tuple[LatencyCoefficients, float] | None = field(default=None, repr=False)
 
     def healthy(self, now: float) -> bool:
         return now >= self.unhealthy_until
@@ -235,18 +236,27 @@ class WorkerEndpoint:
         elif mine.last_token_at is not None:
             decoding = sum(r.started for r in self.local.values())
             self.token_intervals.append(((now - mine.last_token_at) / tokens, decoding))
+            self._step_factor = None
         mine.last_token_at = now
         mine.output_tokens += tokens
 
-    def decode_step_factor(self, decode_step: Callable[[int], float]) -> float:
-        """How much slower tokens stream than ``decode_step`` (the engine's fitted step
-        for n sequences) says: the median ratio over the recent token messages (a
-        median: the intervals a prefill stalled are the few long ones); 1 until there
-        are enough, and never below 1 (the step is part of every interval)."""
-        if len(self.token_intervals) < 8:
-            return 1.0
-        ratios = [dt / step for dt, n in self.token_intervals if (step := decode_step(n)) > 0]
-        return max(1.0, statistics.median(ratios)) if ratios else 1.0
+    def decode_step_factor(self, latency: LatencyCoefficients) -> float:
+        """How much slower tokens stream than ``latency.decode_step`` (the engine's
+        fitted step for n sequences) says: the median ratio over the recent token
+        messages (a median: the intervals a prefill stalled are the few long ones); 1
+        until there are enough, and never below 1 (the step is part of every interval).
+        Kept until a token message or a new fit changes it: it is asked for on every
+        dispatch pass, and recomputing it was most of a pass's cost."""
+        if self._step_factor is not None and self._step_factor[0] == latency:
+            return self._step_factor[1]
+        factor = 1.0
+        if len(self.token_intervals) >= 8:
+            ratios = [
+                dt / step for dt, n in self.token_intervals if (step := latency.decode_step(n)) > 0
+            ]
+            factor = max(1.0, statistics.median(ratios)) if ratios else 1.0
+        self._step_factor = (latency, factor)
+        return factor
 
     def decode_progress(self) -> list[DecodeProgress]:
         """The TPOT state of the requests this service has decoding on the worker."""
