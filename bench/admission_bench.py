@@ -22,7 +22,8 @@ memory) and the admission service as real processes on loopback, then:
    rounds (rejected = violated) and goodput (requests meeting both targets per second);
 3. overhead: admission decisions per second on one core without an engine (the pure
    policy path: predict on every worker, choose, queue), and added per-request latency
-   through admission vs the worker directly (sequential small requests).
+   through admission vs the same worker directly (sequential small requests), next to
+   what a bare gRPC relay adds (``grpc_relay.py``: the cost of the extra hop alone).
 
 Writes bench/results/admission.json (summary fields + raw points), an SVG plot, and
 the admission's decision logs (worker state behind every prediction) under
@@ -41,6 +42,7 @@ import time
 from pathlib import Path
 
 import grpc
+import grpc_relay
 
 from layerkv.admission.queue import QueuedRequest, create_queue
 from layerkv.admission.routing import (
@@ -311,19 +313,28 @@ def decisions_per_second(seconds: float = 2.0) -> float:
     return n / (time.perf_counter() - start)
 
 
-def added_latency(worker_addr: str, admission_addr: str, requests: int) -> dict:
+def added_latency(worker_addr: str, admission_addr: str, relay_addr: str, requests: int) -> dict:
+    """Sequential 2-token requests to one worker three ways, interleaved in a shuffled
+    order each round (so none always follows another): directly, through admission
+    (routing to that worker only) and through a bare gRPC relay (``grpc_relay.py``:
+    what the extra hop alone costs here)."""
+    ids = list(range(5, 45))
     with (
         grpc.insecure_channel(worker_addr) as wch,
         grpc.insecure_channel(admission_addr) as ach,
+        grpc.insecure_channel(relay_addr) as rch,
     ):
         direct = worker_pb2_grpc.WorkerStub(wch)
         via = admission_pb2_grpc.AdmissionStub(ach)
-        ids = list(range(5, 45))
+        relay = admission_pb2_grpc.AdmissionStub(rch)
         paths = {
             "direct": lambda: direct.Generate(
                 worker_pb2.WorkerGenerateRequest(prompt_token_ids=ids, sampling=sampling(2))
             ),
             "admission": lambda: via.Generate(
+                admission_pb2.GenerateRequest(prompt_token_ids=ids, sampling=sampling(2))
+            ),
+            "relay": lambda: relay.Generate(
                 admission_pb2.GenerateRequest(prompt_token_ids=ids, sampling=sampling(2))
             ),
         }
@@ -341,15 +352,25 @@ def added_latency(worker_addr: str, admission_addr: str, requests: int) -> dict:
         for call in paths.values():
             for _ in range(10):
                 ttft(call)
-        samples = {"direct": [], "admission": []}
-        for i in range(requests * 2):
-            name = ("direct", "admission")[(i + i // 2) % 2]
-            samples[name].append(ttft(paths[name]))
+        samples: dict[str, list[float]] = {name: [] for name in paths}
+        rng = random.Random(3)
+        for _ in range(requests):
+            order = list(paths)
+            rng.shuffle(order)
+            for name in order:
+                samples[name].append(ttft(paths[name]))
+
+    def added(name: str, q: float) -> float:
+        return (pct(samples[name], q) - pct(samples["direct"], q)) * 1000
+
     return {
-        "added_latency_p50_ms": (pct(samples["admission"], 50) - pct(samples["direct"], 50)) * 1000,
-        "added_latency_p99_ms": (pct(samples["admission"], 99) - pct(samples["direct"], 99)) * 1000,
-        "direct_ttft_p50_ms": pct(samples["direct"], 50) * 1000,
-        "admission_ttft_p50_ms": pct(samples["admission"], 50) * 1000,
+        "added_latency_p50_ms": added("admission", 50),
+        "added_latency_p99_ms": added("admission", 99),
+        "added_latency_relay_p50_ms": added("relay", 50),
+        "added_latency_relay_p99_ms": added("relay", 99),
+        "added_latency_requests_per_path": requests,
+        **{f"{name}_ttft_p50_ms": pct(v, 50) * 1000 for name, v in samples.items()},
+        "added_latency_samples_s": samples,
     }
 
 
@@ -559,11 +580,30 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         print("added latency ...", flush=True)
-        result.update(added_latency(workers[0].address, admission.address, int(100 * args.scale)))
+        # The same worker on every path: an admission service and a bare relay that
+        # know only workers[0] (the goodput admission could pick the other worker,
+        # whose core the client and admission share here).
+        one = admission_proc([workers[0]])
+        relay = grpc_relay.start(workers[0].address, relay_port := local_stack.free_port())
+        try:
+            lat = added_latency(
+                workers[0].address, one.address, f"127.0.0.1:{relay_port}", int(300 * args.scale)
+            )
+        finally:
+            relay.terminate()
+            relay.wait(timeout=10)
+        raw_latency = lat.pop("added_latency_samples_s")
+        result.update(lat)
+        print(
+            f"  added p50 {lat['added_latency_p50_ms']:.2f} ms (bare relay "
+            f"{lat['added_latency_relay_p50_ms']:.2f} ms)",
+            flush=True,
+        )
         result["raw"] = {
             "accuracy": acc_points,
             "goodput_baseline": base["points"],
             "goodput_admission": adm["points"],
+            "added_latency_ttft_s": raw_latency,
             "workload": [{k: v for k, v in w.items() if k != "ids"} for w in work],
         }
     finally:

@@ -1,24 +1,28 @@
 """Per-request overhead of the admission service: the same requests sent to the worker
-directly and through admission, interleaved, in one run.
+directly, through admission and through a bare gRPC relay (``grpc_relay.py``, the
+cost of the extra hop alone), interleaved, in one run.
 
     python bench/admission_overhead.py --requests 300
 
 Starts Redis, one worker and the admission service as real processes on loopback, sends
-sequential small greedy requests (so queueing does not blur the difference), alternating
-the path, and reports p50/p99 of client-side time-to-first-token and total latency per
-path and the added latency. Writes bench/results/admission_overhead.json.
+sequential small greedy requests (so queueing does not blur the difference), the paths
+in a shuffled order each round, and reports p50/p99 of client-side time-to-first-token
+and total latency per path and the latency added by admission and by the bare relay.
+Writes bench/results/admission_overhead.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import grpc
+import grpc_relay
 
 from layerkv.tools import local_stack
 from layerkv.v1 import admission_pb2, admission_pb2_grpc, common_pb2, worker_pb2, worker_pb2_grpc
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log_dir = Path(".run/bench")
     procs = []
+    relay = None
     try:
         redis = local_stack.start_redis(local_stack.free_port(), log_dir)
         procs.append(redis)
@@ -65,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         procs.append(admission)
         local_stack.wait_serving(admission, timeout_s=60)
+        relay_port = local_stack.free_port()
+        relay = grpc_relay.start(worker.address, relay_port)
 
         sampling = common_pb2.SamplingParams(
             max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True
@@ -73,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         with (
             grpc.insecure_channel(worker.address) as wch,
             grpc.insecure_channel(admission.address) as ach,
+            grpc.insecure_channel(f"127.0.0.1:{relay_port}") as rch,
         ):
             direct = worker_pb2_grpc.WorkerStub(wch)
             via = admission_pb2_grpc.AdmissionStub(ach)
+            bare = admission_pb2_grpc.AdmissionStub(rch)
             paths = {
                 "direct": lambda: direct.Generate(
                     worker_pb2.WorkerGenerateRequest(prompt=prompt, sampling=sampling)
@@ -83,17 +92,26 @@ def main(argv: list[str] | None = None) -> int:
                 "admission": lambda: via.Generate(
                     admission_pb2.GenerateRequest(prompt=prompt, sampling=sampling)
                 ),
+                "relay": lambda: bare.Generate(
+                    admission_pb2.GenerateRequest(prompt=prompt, sampling=sampling)
+                ),
             }
             for call in paths.values():  # warm-up: connections, first-request paths
                 for _ in range(10):
                     timed(call)
             samples = {name: {"ttft": [], "total": []} for name in paths}
-            for i in range(args.requests * 2):
-                name = ("direct", "admission")[(i + i // 2) % 2]  # alternate, both orders
-                ttft, total = timed(paths[name])
-                samples[name]["ttft"].append(ttft)
-                samples[name]["total"].append(total)
+            rng = random.Random(3)
+            for _ in range(args.requests):
+                order = list(paths)
+                rng.shuffle(order)  # none always follows another
+                for name in order:
+                    ttft, total = timed(paths[name])
+                    samples[name]["ttft"].append(ttft)
+                    samples[name]["total"].append(total)
     finally:
+        if relay is not None:
+            relay.terminate()
+            relay.wait(timeout=10)
         for proc in reversed(procs):
             proc.stop()
 
@@ -105,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
             result[f"{name}_{kind}_mean_ms"] = statistics.fmean(values) * 1000
     for kind in ("ttft", "total"):
         for q in ("p50", "p99"):
-            result[f"added_{kind}_{q}_ms"] = (
-                result[f"admission_{kind}_{q}_ms"] - result[f"direct_{kind}_{q}_ms"]
-            )
+            for path, prefix in (("admission", "added"), ("relay", "relay_added")):
+                result[f"{prefix}_{kind}_{q}_ms"] = (
+                    result[f"{path}_{kind}_{q}_ms"] - result[f"direct_{kind}_{q}_ms"]
+                )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'path':<10} {'ttft p50':>9} {'ttft p99':>9} {'total p50':>10} {'total p99':>10}  (ms)")
-    for name in ("direct", "admission"):
+    for name in ("direct", "admission", "relay"):
         print(
             f"{name:<10} {result[f'{name}_ttft_p50_ms']:9.2f} {result[f'{name}_ttft_p99_ms']:9.2f}"
             f" {result[f'{name}_total_p50_ms']:10.2f} {result[f'{name}_total_p99_ms']:10.2f}"
@@ -120,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         f"added by admission: ttft p50 {result['added_ttft_p50_ms']:.2f} ms, "
         f"p99 {result['added_ttft_p99_ms']:.2f} ms; total p50 {result['added_total_p50_ms']:.2f}"
         f" ms, p99 {result['added_total_p99_ms']:.2f} ms"
+    )
+    print(
+        f"added by a bare gRPC relay: ttft p50 {result['relay_added_ttft_p50_ms']:.2f} ms, "
+        f"p99 {result['relay_added_ttft_p99_ms']:.2f} ms"
     )
     print(f"wrote {args.out}")
     return 0
