@@ -19,7 +19,7 @@ async def test_outcomes_are_written_in_batches(redis_server):
 
     def counted(batch):
         writes.append(len(batch))
-        record(batch)
+        return record(batch)
 
     store.record_outcomes = counted
     # Outcomes wait for company for up to a minute, unless a batch is full or the
@@ -46,3 +46,18 @@ async def test_a_lone_outcome_is_written_within_the_flush_interval(redis_server)
         assert recorder.written == 1
     finally:
         await recorder.close()
+
+
+async def test_an_outcome_redis_refuses_is_counted_as_dropped_not_retried(redis_server):
+    store = MetricsStore.from_url(redis_server.extra["url"], prefix=f"t{uuid.uuid4().hex[:8]}")
+    now = time.time()
+    start = int(now // store.bucket_s) * store.bucket_s
+    store.client.set(f"{store.prefix}:bucket:bad:{start}", "not a hash")
+    recorder = OutcomeRecorder(store, flush_interval_s=60)
+    recorder.start()
+    for i, cls in enumerate(("chat", "bad", "chat")):
+        recorder.submit(RequestOutcome(f"r{i}", cls, "ok", now, 0.1, 0.01), TARGET)
+    await recorder.close(timeout_s=10)
+    assert (recorder.pending, recorder.written, recorder.dropped) == (0, 2, 1)
+    assert recorder.redis_ok
+    assert store.window_stats("chat", 60, now=now).requests == 2

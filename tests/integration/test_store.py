@@ -71,6 +71,23 @@ def test_a_batch_counts_statuses_and_prediction_errors(store):
     assert store.get_outcome("r2")["predicted_ttft_s"] == "3.0"
 
 
+def test_an_outcome_redis_refuses_does_not_hold_back_the_rest_of_its_batch(store):
+    # A bucket key of the wrong type: that outcome is refused and reported; the others
+    # are stored once (a retry of the whole batch would count them twice).
+    store.client.set(f"{store.prefix}:bucket:bad:1000", "not a hash")
+    batch = [
+        (outcome(1, 1000.0, 0.1, 0.01), TARGET),
+        (outcome(2, 1000.0, 0.1, 0.01, cls="bad"), None),
+    ]
+    batch.append((outcome(3, 1001.0, 0.1, 0.01), TARGET))
+    assert store.record_outcomes(batch) == 1
+    assert store.window_stats("chat", 60, now=1002.0).requests == 2
+    store.client.delete(f"{store.prefix}:bucket:bad:1000")
+    store.client.set(f"{store.prefix}:bucket:chat:1000", "x")
+    with pytest.raises(redis.ResponseError):  # all refused: nothing stored, caller retries
+        store.record_outcomes(batch[:1])
+
+
 def test_outcomes_are_recorded_after_redis_forgets_its_scripts(store):
     # A restarted Redis has an empty script cache: the store loads its script again.
     store.record_outcome(outcome(1, 1000.0, 0.1, 0.01), TARGET)

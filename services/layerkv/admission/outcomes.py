@@ -103,7 +103,7 @@ class OutcomeRecorder:
                     await asyncio.wait_for(self._batch_full.wait(), self.flush_interval_s)
             batch = list(itertools.islice(self._buffer, self.batch_size))
             try:
-                await asyncio.to_thread(self.store.record_outcomes, batch)
+                refused = await asyncio.to_thread(self.store.record_outcomes, batch)
             except redis.RedisError as e:
                 metrics.OUTCOME_WRITE_ERRORS.inc()
                 if self.redis_ok:
@@ -121,6 +121,9 @@ class OutcomeRecorder:
             written = {id(item) for item in batch}
             while self._buffer and id(self._buffer[0]) in written:
                 self._buffer.popleft()
-            self.written += len(batch)
-            metrics.OUTCOMES_WRITTEN.inc(len(batch))
+            if refused:  # bad data, not an outage: retrying would count the rest twice
+                self.dropped += refused
+                metrics.OUTCOMES_DROPPED.inc(refused)
+            self.written += len(batch) - refused
+            metrics.OUTCOMES_WRITTEN.inc(len(batch) - refused)
             metrics.OUTCOMES_BUFFERED.set(len(self._buffer))

@@ -25,6 +25,7 @@ outcomes goes in one MULTI/EXEC round trip, all or none.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, fields
@@ -41,6 +42,8 @@ from layerkv.common.slo import (
     histogram_index,
     violations,
 )
+
+log = logging.getLogger(__name__)
 
 _NB = len(LATENCY_BUCKETS_S)
 _OUTCOME_FIELDS = tuple(f.name for f in fields(RequestOutcome))
@@ -133,10 +136,13 @@ class MetricsStore:
         """Store one request's outcome and fold it into its class's time bucket."""
         self.record_outcomes([(outcome, target)])
 
-    def record_outcomes(self, batch: Sequence[tuple[RequestOutcome, SloTarget | None]]) -> None:
-        """Store several outcomes in one round trip, all or none (MULTI/EXEC)."""
+    def record_outcomes(self, batch: Sequence[tuple[RequestOutcome, SloTarget | None]]) -> int:
+        """Store several outcomes in one round trip. Returns how many Redis refused
+        (a key of the wrong type, out of memory...): the others are stored. Raises
+        ``redis.RedisError`` when none could be stored, so the caller keeps them all
+        and tries again."""
         if not batch:
-            return
+            return 0
         for attempt in range(2):
             # One script call is atomic on its own; MULTI/EXEC only ties a batch together.
             pipe = self.client.pipeline(transaction=len(batch) > 1)
@@ -145,13 +151,18 @@ class MetricsStore:
             results = pipe.execute(raise_on_error=False)
             errors = [r for r in results if isinstance(r, Exception)]
             if not errors:
-                return
+                return 0
             # A Redis that restarted (or flushed its scripts) does not know the script:
             # then no command of the transaction did anything, so load it and retry.
             if attempt == 0 and all(isinstance(e, NoScriptError) for e in errors):
                 self.client.script_load(_RECORD_OUTCOME_LUA)
                 continue
-            raise errors[0]
+            if len(errors) == len(batch):
+                raise errors[0]
+            # Written again, the others would be counted twice: report these as lost.
+            log.warning("Redis refused %d of %d outcomes: %s", len(errors), len(batch), errors[0])
+            return len(errors)
+        raise AssertionError("unreachable")
 
     def _outcome_script_args(self, outcome: RequestOutcome, target: SloTarget | None) -> list:
         v = violations(outcome, target)
