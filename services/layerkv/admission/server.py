@@ -299,11 +299,10 @@ class AdmissionService:
         )
         if self.decision_log is not None:
             self._log_decision(item, worker, snap, best, view.now)
-        if last:
-            return _Routed(worker, best, view.now, view.now - item.arrival)
-        view.snaps[worker.address] = snap = worker.snapshot(self.pool.prior, view.now)
-        if self.tpot_guard:
-            view.rooms[worker.address] = self._tpot_room(worker, snap, view.now)
+        if not last:
+            view.snaps[worker.address] = snap = worker.snapshot(self.pool.prior, view.now)
+            if self.tpot_guard:
+                view.rooms[worker.address] = self._tpot_room(worker, snap, view.now)
         return _Routed(worker, best, view.now, view.now - item.arrival)
 
     @staticmethod

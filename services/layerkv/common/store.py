@@ -19,7 +19,7 @@ Keys (``prefix`` defaults to ``layerkv``):
 
 Each outcome is applied by one server-side script (Redis runs a script atomically), so
 readers never see a request counted in ``n`` but not in its histograms; a batch of
-outcomes goes in one MULTI/EXEC round trip, all or none.
+outcomes goes in one MULTI/EXEC round trip.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ _OUTCOME_FIELDS = tuple(f.name for f in fields(RequestOutcome))
 # TTL, class, finished_at, n, n field/value pairs of the record, m, m integer
 # increments of the bucket (field, by), then float increments (field, by) to the end.
 # Server-side because the admission service writes an outcome per request: one command
-# instead of ~15 cut the client-side CPU per outcome from 0.19 to ~0.05 ms, CPU taken
-# from the request path of the same process.
+# instead of ~15 cut the client-side CPU per outcome from 0.19 to 0.09 ms alone and
+# 0.04 ms in batches of 16 (1000 outcomes to a local Redis), CPU taken from the
+# requests the same process serves.
 _RECORD_OUTCOME_LUA = """
 local i = 6
 local rec = {}
