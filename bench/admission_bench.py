@@ -18,8 +18,9 @@ memory) and the admission service as real processes on loopback, then:
    queue policy), sent (a) round-robin straight to the workers (vLLM's FIFO) and
    (b) through admission, to two workers confined to one core each (targets and
    load from probing them),
-   each path twice in A-B-B-A order (the machine drifts); SLO violation rate over both
-   rounds (rejected = violated) and goodput (requests meeting both targets per second);
+   each path twice in A-B-B-A order (the machine drifts; ``--goodput-blocks N`` repeats
+   the block); SLO violation rate over all rounds (rejected = violated) and goodput
+   (requests meeting both targets per second);
 3. overhead: admission decisions per second on one core without an engine (the pure
    policy path: predict on every worker, choose, queue), and added per-request latency
    through admission vs the same worker directly (sequential small requests), next to
@@ -237,7 +238,9 @@ def pooled(rounds: list[dict]) -> dict:
 GOODPUT_ORDER = ("baseline", "admission", "admission", "baseline")
 
 
-async def goodput(workers: list[str], admission_addr: str, work: list[dict], dur: float):
+async def goodput(
+    workers: list[str], admission_addr: str, work: list[dict], dur: float, blocks: int = 1
+):
     arrivals = [w["at"] for w in work]
     # (a) round-robin straight to the workers: each engine's FIFO queue.
     channels = [grpc.aio.insecure_channel(a) for a in workers]
@@ -266,7 +269,7 @@ async def goodput(workers: list[str], admission_addr: str, work: list[dict], dur
 
     rounds: dict[str, list[dict]] = {"baseline": [], "admission": []}
     try:
-        for n, path in enumerate(GOODPUT_ORDER):
+        for n, path in enumerate(GOODPUT_ORDER * blocks):
             if n:
                 await asyncio.sleep(3)  # let the engines settle between rounds (not a sync)
             call = rr_call if path == "baseline" else adm_call_for(n)
@@ -447,9 +450,18 @@ def main(argv: list[str] | None = None) -> int:
         default=2.4,
         help="goodput arrival rate as a multiple of the workers' estimated capacity",
     )
+    ap.add_argument(
+        "--goodput-blocks",
+        type=int,
+        default=1,
+        help="A-B-B-A blocks of goodput rounds (one round per path each way per block); "
+        "round-robin alone varied 0.12-0.23 and 0.50-0.71 between rounds of one run",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench/results/admission.json"))
     args = ap.parse_args(argv)
+    if args.goodput_blocks < 1:
+        ap.error("--goodput-blocks must be >= 1")
 
     result: dict = {"kv_blocks_per_worker": KV_BLOCKS, "workers": 2}
     print("decisions/s (pure policy path, one core) ...", flush=True)
@@ -565,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         work = mixed_workload(random.Random(args.seed + 1), gdur, rps)
         print(f"goodput: {len(work)} requests at {rps:.2f} req/s ...", flush=True)
         base, adm = asyncio.run(goodput([w.address for w in workers], admission.address,
-                                        work, gdur))  # fmt: skip
+                                        work, gdur, args.goodput_blocks))  # fmt: skip
+        result["goodput_blocks"] = args.goodput_blocks
         result["violation_rate_baseline"] = base["violation_rate"]
         result["violation_rate_admission"] = adm["violation_rate"]
         result["goodput_baseline_rps"] = base["goodput_rps"]
