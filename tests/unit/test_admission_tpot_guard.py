@@ -134,11 +134,14 @@ async def test_a_prefill_no_worker_can_absorb_waits_in_admission():
 
 
 async def test_a_request_due_now_waits_rather_than_break_a_running_one():
-    # Same two tight workers, and the request is due in 0.3 s: sent now, it would meet
-    # its own TTFT but break the TPOT of a request that can still meet its SLO (and
-    # decode with no slack itself). It waits, past its bounded hold too, until a worker
-    # has prefill room: then it goes there.
+    # Same two tight workers, and a request its class may reject (at 10 x its target
+    # here) is due in 0.3 s: sent now, it would meet its own TTFT but break the TPOT
+    # of a request that can still meet its SLO. It waits, past its bounded hold too,
+    # until a worker has prefill room: then it goes there.
     service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
+    service.catalog = SloCatalog(
+        [SloTarget("c", 1.0, 0.02)], None, {"c": ClassPolicy(MissPolicy.REJECT, 10.0)}
+    )
     try:
         item = queued_and_dispatched(service, "due", 1500, ttft_s=0.3)
         assert not item.payload.done()
@@ -146,6 +149,22 @@ async def test_a_request_due_now_waits_rather_than_break_a_running_one():
         service.dispatch()
         assert not item.payload.done()
         service.pool.workers[1].finished("y")
+        service.dispatch()
+        assert item.payload.done() and item.payload.result().worker.address == "b:1"
+    finally:
+        await service.pool.close()
+
+
+async def test_a_queue_class_request_due_now_goes_where_it_does_least_harm():
+    # A queue class must serve the request anyway: held past its deadline it would
+    # miss its own TTFT and still stall decodes later. Due in 2 s it waits for room;
+    # due in 0.3 s it goes, to the worker whose tightest slack its 160 ms prefill
+    # overruns least: "y" (11 ms target) has 99 x 11 - 300 - 700 = 89 ms, "x" 40 ms.
+    service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0110, 30)]})
+    try:
+        item = queued_and_dispatched(service, "due", 1500, ttft_s=2.0)
+        assert not item.payload.done()
+        item.deadline = time.monotonic() + 0.3
         service.dispatch()
         assert item.payload.done() and item.payload.result().worker.address == "b:1"
     finally:
@@ -184,6 +203,34 @@ async def test_requests_that_already_violate_their_slo_hold_nothing_back():
     try:
         item = queued_and_dispatched(service, "long", 1500)
         assert item.payload.done() and item.payload.result().worker.address == "a:1"
+    finally:
+        await service.pool.close()
+
+
+async def test_a_request_sent_but_not_started_is_protected_too():
+    # "p" was sent to the only worker and has no first token yet. Whatever is sent
+    # there after it is prefilled after its own prefill, into its decode: 99 intervals
+    # at the 10 ms step against an 11.5 ms target leave 99 x 1.5 = 148 ms of slack,
+    # less its own queued prefill (100 tokens, 20 ms). Both due soon (a class that
+    # may reject, so that nothing goes without room), a 1500-token prompt (160 ms)
+    # waits; a 100-token one (20 ms) goes.
+    service = await service_with({"a:1": []})
+    service.catalog = SloCatalog(
+        [SloTarget("c", 1.0, 0.02)], None, {"c": ClassPolicy(MissPolicy.REJECT, 10.0)}
+    )
+    (w,) = service.pool.workers
+    try:
+        w.dispatched("p", 100, 100, 0.0115, first_token_due=time.monotonic() + 1.0)
+        long = queued_and_dispatched(service, "long", 1500, ttft_s=0.4)
+        assert not long.payload.done()
+        short = queued_and_dispatched(service, "short", 100, ttft_s=0.3)
+        assert short.payload.done() and short.payload.result().worker is w
+        w.finished("short")
+        # Its first token is due and not there: it has missed its SLO, and holds
+        # nothing back any more.
+        w.local["p"].first_token_due = time.monotonic() - 0.001
+        service.dispatch()
+        assert long.payload.done() and long.payload.result().worker is w
     finally:
         await service.pool.close()
 
@@ -238,6 +285,26 @@ async def test_a_request_waits_where_the_decode_step_is_too_slow_for_its_own_tar
         # The slow decode ends. Alone there it would step 1.5 x 12 = 18 ms, still over
         # 0.8 x 20 ms, but no worker does better than idle: holding it gains nothing.
         w.finished("x")
+        service.dispatch()
+        assert item.payload.done()
+    finally:
+        await service.pool.close()
+
+
+async def test_a_request_due_now_takes_a_step_that_meets_its_own_target():
+    # Engine step 10 ms + 2 ms per sequence; "x" (unprotected: past its budget) streams
+    # 15 ms apart, 1.25x the engine's 12 ms: with one more decode every step takes
+    # 1.25 x 14 = 17.5 ms, over 0.8 of a new request's 20 ms target, under the target
+    # itself. Due in 2 s, the request waits for a better moment; due now, it goes.
+    service = await service_with({"a:1": []})
+    (w,) = service.pool.workers
+    w.load.decode_step_s_per_seq = 0.002
+    try:
+        w.dispatched("x", 100, 100, 0.010)
+        stream_at(w, "x", 30, 0.015)
+        item = queued_and_dispatched(service, "short", 100, ttft_s=2.0)
+        assert not item.payload.done()
+        item.deadline = time.monotonic() + 0.2
         service.dispatch()
         assert item.payload.done()
     finally:

@@ -29,6 +29,7 @@ from layerkv.admission.routing import (
     NO_LIMIT,
     START_NOW_S,
     ClassPolicy,
+    MissPolicy,
     Rejection,
     TpotRoom,
     Verdict,
@@ -270,9 +271,11 @@ class AdmissionService:
         prediction it would go with, and a rejection if its class gives up on it."""
         if preds is None:
             preds = view.predictions(item.prompt_tokens, item.max_tokens)
-        verdict, best = route_verdict(item, preds, view.rooms, view.now)
+        policy = self.catalog.policy(item.slo_class)
+        verdict, best = route_verdict(
+            item, preds, view.rooms, view.now, must_serve=policy.on_miss is MissPolicy.QUEUE
+        )
         if verdict in (Verdict.WAIT, Verdict.LATE):
-            policy = self.catalog.policy(item.slo_class)
             rejection = queued_rejection(item, best, view.now, policy)
             if rejection is not None:
                 return verdict, best, rejection
@@ -314,7 +317,7 @@ class AdmissionService:
         factor = worker.decode_step_factor(lat)
         step = factor * lat.decode_step(len(snap.running) + len(snap.waiting) + 1)
         prefill_s = tpot_room(
-            worker.decode_progress(),
+            worker.decode_progress(now),
             now,
             step,
             sum(lat.prefill_s(r.prompt_tokens) for r in snap.waiting),
