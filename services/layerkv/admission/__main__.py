@@ -69,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-hold-factor",
         "LAYERKV_MAX_HOLD_FACTOR",
         4.0,
-        "after this many TTFT targets a queued request goes to any worker with prefill room",
+        "after this many TTFT targets a queued reject-class request goes to any worker "
+        "with prefill room (queue-class requests go by their deadline)",
         type=float,
     )
     env_flag(
