@@ -269,17 +269,26 @@ async def test_the_room_uses_the_cadence_tokens_stream_at():
         await service.pool.close()
 
 
+async def streaming_past_its_budget(interval_s: float) -> AdmissionService:
+    """One worker (engine step 10 ms + 2 ms per sequence) where "x", against a 10 ms
+    TPOT target, has streamed 30 tokens ``interval_s`` apart: unprotected, so any
+    prefill fits, and the step there is as slow as its tokens came."""
+    service = await service_with({"a:1": []})
+    (w,) = service.pool.workers
+    w.load.decode_step_s_per_seq = 0.002
+    w.dispatched("x", 100, 100, 0.010)
+    stream_at(w, "x", 30, interval_s)
+    return service
+
+
 async def test_a_request_waits_where_the_decode_step_is_too_slow_for_its_own_target():
     # Engine step 10 ms + 2 ms per sequence. The request decoding there is past its own
     # TPOT budget (unprotected: any prefill fits), but its tokens stream 18 ms apart,
     # 1.5x the engine's 12 ms step for one sequence: with one more, every step takes
     # 1.5 x 14 = 21 ms, more than 0.8 of a new request's 20 ms target. It waits.
-    service = await service_with({"a:1": []})
+    service = await streaming_past_its_budget(0.018)
     (w,) = service.pool.workers
-    w.load.decode_step_s_per_seq = 0.002
     try:
-        w.dispatched("x", 100, 100, 0.010)
-        stream_at(w, "x", 30, 0.018)
         item = queued_and_dispatched(service, "short", 100)
         assert not item.payload.done()
         # The slow decode ends. Alone there it would step 1.5 x 12 = 18 ms, still over
@@ -296,12 +305,8 @@ async def test_a_request_due_now_takes_a_step_that_meets_its_own_target():
     # 15 ms apart, 1.25x the engine's 12 ms: with one more decode every step takes
     # 1.25 x 14 = 17.5 ms, over 0.8 of a new request's 20 ms target, under the target
     # itself. Due in 2 s, the request waits for a better moment; due now, it goes.
-    service = await service_with({"a:1": []})
-    (w,) = service.pool.workers
-    w.load.decode_step_s_per_seq = 0.002
+    service = await streaming_past_its_budget(0.015)
     try:
-        w.dispatched("x", 100, 100, 0.010)
-        stream_at(w, "x", 30, 0.015)
         item = queued_and_dispatched(service, "short", 100, ttft_s=2.0)
         assert not item.payload.done()
         item.deadline = time.monotonic() + 0.2
