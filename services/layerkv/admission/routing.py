@@ -271,7 +271,8 @@ def route_verdict(
       will run anyway, and held past its deadline it would only add its own miss and
       stall the decodes running later instead. Under sustained overload, holding such
       requests for room that does not come grew the admission queue until all of them
-      missed (TTFT p50 6 s against a 1.4 s target in a bench at 2.6 x capacity).
+      missed (batch TTFT p50 6-7 s against a 1.36 s target, local A-B-B-A runs at
+      2.6-2.8 x capacity; 2.4-3.6 s with this rule, the rest the workers' queues).
 
     A request that cannot fit on any worker at all goes at once (its error is the
     worker's to give)."""

@@ -264,8 +264,8 @@ class WorkerEndpoint:
         A request sent but not started yet counts as if its first token came ``now``
         (the soonest it can): every prefill sent here after it will run after its own
         and stall its decode. Left out until its first token, it was unprotected
-        exactly when most new prefills land on it (in a bench run at 2.4 x capacity,
-        a third of the batch requests missed their TPOT target this way)."""
+        exactly while new prefills landed on it (counting it: violations 0.224 ->
+        0.173 against round-robin's 0.364, one A-B-B-A run at 2.4 x capacity)."""
         progress = []
         for r in self.local.values():
             if r.started:
