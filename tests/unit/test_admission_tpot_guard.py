@@ -207,6 +207,27 @@ async def test_requests_that_already_violate_their_slo_hold_nothing_back():
         await service.pool.close()
 
 
+async def test_a_request_behind_only_at_todays_step_still_holds_prefills_back():
+    # On "a:1" "x" (12 ms target) and two loose requests decode at 13 ms a step (10 ms
+    # + 1 ms per request, with the new one): "x", 30 tokens in 0.3 s with 70 to go, is
+    # 92 ms behind at that step but 118 ms ahead at the 11 ms step it would get alone.
+    # It can still make it, so a 1500-token prefill (160 ms) goes to "b:1" instead,
+    # though "b:1" has a prompt queued and "a:1" would give the sooner first token.
+    service = await service_with(
+        {"a:1": [("x", 0.012, 30), ("l1", 1.0, 30), ("l2", 1.0, 30)], "b:1": []},
+        queued_prompts={"b:1": 800},
+    )
+    for w in service.pool.workers:
+        w.load.decode_step_s_per_seq = 0.001
+    try:
+        preds = {p.worker: p for p in service.predictions(1500, 10)}
+        assert preds["a:1"].ttft_s < preds["b:1"].ttft_s
+        item = queued_and_dispatched(service, "long", 1500, ttft_s=0.4)
+        assert item.payload.done() and item.payload.result().worker.address == "b:1"
+    finally:
+        await service.pool.close()
+
+
 async def test_a_request_sent_but_not_started_is_protected_too():
     # "p" was sent to the only worker and has no first token yet. Whatever is sent
     # there after it is prefilled after its own prefill, into its decode: 99 intervals

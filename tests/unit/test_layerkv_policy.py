@@ -114,6 +114,19 @@ def test_protected_slack_skips_requests_that_violate_their_slo_already():
     assert min_protected_slack([late, on_time], 1.0, 0.05) == pytest.approx(0.5)
 
 
+def test_a_request_behind_that_can_catch_up_alone_is_protected_with_no_room():
+    # Budget 0.05 x 110 = 5.5 s, 1 s spent, 100 tokens to go: at today's 60 ms step it
+    # is 1.5 s behind; at a 40 ms step (the worker with it alone) 0.5 s ahead. Not lost:
+    # no prefill may stall it (slack 0), and it holds back the others' room too.
+    behind = DecodeProgress(0.05, 11, 0.0, 100, first_token_due_s=0.5)
+    roomy = DecodeProgress(1.0, 11, 0.0, 10, first_token_due_s=0.5)
+    assert protected_slack(behind, 1.0, 0.06, best_step_s=0.04) == 0.0
+    assert min_protected_slack([behind, roomy], 1.0, 0.06, best_step_s=0.04) == 0.0
+    # Behind at the best step too (46 ms: 0.1 s short): lost, it protects nothing.
+    assert protected_slack(behind, 1.0, 0.06, best_step_s=0.046) == math.inf
+    assert min_protected_slack([behind, roomy], 1.0, 0.06, best_step_s=0.046) > 0
+
+
 def test_step_time_model_recovers_quadratic():
     prior = PrefillCoefficients(0.001, 1e-5, 0.0)
     model = OnlineStepTimeModel(prior, prior_decode_step_s=0.02)

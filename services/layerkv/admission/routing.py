@@ -180,14 +180,16 @@ def tpot_room(
     now: float,
     decode_step_s: float,
     queued_prefill_s: float = 0.0,
+    best_step_s: float | None = None,
 ) -> float:
     """Prefill time a worker can still take without its requests missing their TPOT
     targets: the smallest TPOT slack (``policy/slack.py``) among those that can still
-    meet their SLO (decoding, or sent and waiting for their first token), less the
+    meet their SLO (decoding, or sent and waiting for their first token; at
+    ``best_step_s``, the worker's fastest step, if not at ``decode_step_s``), less the
     prefills already queued there. Every prefill stalls every decode on the worker
     once, so a request whose prefill does not fit waits here rather than break the
     others' targets."""
-    return min_protected_slack(running, now, decode_step_s) - queued_prefill_s
+    return min_protected_slack(running, now, decode_step_s, best_step_s) - queued_prefill_s
 
 
 def has_room(

@@ -316,13 +316,15 @@ class AdmissionService:
         # here than the engine's step fit says (it misses the output path around it).
         factor = worker.decode_step_factor(lat)
         step = factor * lat.decode_step(len(snap.running) + len(snap.waiting) + 1)
+        idle_step = factor * lat.decode_step(1)
         prefill_s = tpot_room(
             worker.decode_progress(now),
             now,
             step,
             sum(lat.prefill_s(r.prompt_tokens) for r in snap.waiting),
+            best_step_s=idle_step,
         )
-        return TpotRoom(prefill_s, step, idle_step_s=factor * lat.decode_step(1))
+        return TpotRoom(prefill_s, step, idle_step_s=idle_step)
 
     def _log_decision(
         self,
