@@ -282,6 +282,27 @@ async def test_worker_load_report(worker_stub, model_dir):
     assert load.config.model == str(model_dir)
 
 
+async def test_worker_reports_its_decode_step_fit_by_count_and_context(worker_stub):
+    # Two requests of different prompt lengths decode side by side: the worker feeds
+    # the context its requests hold into the step fit, which needs contexts that vary.
+    def generate(prompt_tokens: int):
+        req = worker_pb2.WorkerGenerateRequest(
+            prompt_token_ids=[7 + i % 500 for i in range(prompt_tokens)],
+            sampling=common_pb2.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
+        )
+        return _drain(worker_stub.Generate(req))
+
+    await asyncio.gather(generate(40), generate(600))
+    load = await worker_stub.GetLoad(worker_pb2.GetLoadRequest())
+    assert load.decode_step_s > 0  # the fit by count alone, for older admissions
+    assert len(load.decode_step_coeffs) == 3 and min(load.decode_step_coeffs) >= 0
+    assert sum(load.decode_step_coeffs) > 0
+
+
+async def _drain(call) -> int:
+    return sum([1 async for resp in call if resp.HasField("tokens")])
+
+
 async def _cli(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

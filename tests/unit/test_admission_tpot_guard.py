@@ -12,9 +12,10 @@ import pytest
 
 from layerkv.admission.outcomes import OutcomeRecorder
 from layerkv.admission.queue import QueuedRequest
-from layerkv.admission.routing import ClassPolicy, MissPolicy, tpot_room
+from layerkv.admission.routing import ClassPolicy, MissPolicy, has_room, tpot_room, worker_room
 from layerkv.admission.server import AdmissionService, _Rejected, _Routed
 from layerkv.admission.slo_classes import SloCatalog
+from layerkv.admission.ttft import TtftPrediction
 from layerkv.admission.workers import WorkerPool
 from layerkv.common.slo import SloTarget
 from layerkv.policy.slack import DecodeProgress
@@ -41,6 +42,24 @@ def test_tpot_room_is_the_smallest_slack_less_queued_prefills():
     assert tpot_room([tight, loose], now, 0.005) == pytest.approx(0.24)
     assert tpot_room([tight], now, 0.005, queued_prefill_s=0.04) == pytest.approx(0.20)
     assert tpot_room([], now, 0.005) == math.inf  # nothing decoding: no limit
+
+
+def test_a_long_prompt_costs_room_for_the_context_it_adds_to_every_step():
+    # One protected request with 0.2 s of slack (budget 96 x 50 ms, 0.8 s spent, 80
+    # tokens to go at 47.5 ms). Each token of a new request's context adds 1.3 us to
+    # every later step, on each of those 80 tokens: a 100-token prompt leaves 0.19 s
+    # for its 20 ms prefill; a 1500-token one leaves 44 ms, too little for 160 ms.
+    now = 100.0
+    protected = DecodeProgress(0.05, 17, now - 0.8, 80)
+    room = worker_room([protected], now, 0.0475, 0.004, step_s_per_token=1.3e-6)
+    assert room.prefill_s == pytest.approx(0.2)
+    short = QueuedRequest("s", "c", now, now + 1, 1.0, prompt_tokens=100, max_tokens=10)
+    long = QueuedRequest("l", "c", now, now + 1, 1.0, prompt_tokens=1500, max_tokens=10)
+    assert has_room(short, TtftPrediction("w", 0.02, 0, 0, 0.02, 1), room)
+    assert not has_room(long, TtftPrediction("w", 0.16, 0, 0, 0.16, 1), room)
+    # Where the step does not depend on context, the long prefill fits.
+    blind = worker_room([protected], now, 0.0475, 0.004)
+    assert has_room(long, TtftPrediction("w", 0.16, 0, 0, 0.16, 1), blind)
 
 
 async def service_with(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from layerkv.admission.workers import WorkerEndpoint, resolve
 from layerkv.common.latency_model import LatencyCoefficients
 from layerkv.v1 import worker_pb2
@@ -57,6 +59,20 @@ def test_report_is_used_with_its_fit_and_requests():
     assert snap.kv.blocks_free == 50 and snap.max_num_seqs == 16
     assert ep.routable(time.monotonic(), stale_after_s=1.0)
     assert not ep.routable(time.monotonic() + 2.0, stale_after_s=1.0)
+
+
+def test_the_step_fit_with_context_is_used_when_the_worker_has_one():
+    fit = dict(prefill_s_coeffs=[0.02, 1e-4, 0.0], decode_step_s=0.01, latency_samples=9)
+    by_count = endpoint(load(decode_step_s_per_seq=0.002, **fit)).snapshot(PRIOR).latency
+    assert by_count.decode_step(2, 5000) == pytest.approx(0.014)
+    with_context = (
+        endpoint(
+            load(decode_step_s_per_seq=0.002, decode_step_coeffs=[0.004, 0.0004, 1.3e-6], **fit)
+        )
+        .snapshot(PRIOR)
+        .latency
+    )
+    assert with_context.decode_step(2, 5000) == pytest.approx(0.004 + 0.0008 + 0.0065)
 
 
 def test_no_fit_yet_uses_the_prior():

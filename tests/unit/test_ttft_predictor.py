@@ -48,6 +48,16 @@ def test_waits_for_running_requests_to_free_blocks():
     assert p.ttft_s == pytest.approx(1.0 + 0.01 + 640 * 1e-4)
 
 
+def test_the_wait_for_blocks_counts_the_context_each_step_reads():
+    # The same wait with a step of 20 ms + 1 us per token of context: the running
+    # request holds 2900 tokens, 2949 at its last step; 50 steps read 2924.5 on average.
+    running = [RequestLoad(prompt_tokens=2850, max_tokens=100, output_tokens=50, started=True)]
+    lat = LatencyCoefficients(0.01, 1e-4, 0.0, 0.02, decode_step_s_per_token=1e-6)
+    base = snap(free=10, running=running)
+    p = predict_ttft(WorkerSnapshot(base.address, base.kv, lat, base.running), 640)
+    assert p.kv_wait_s == pytest.approx(50 * (0.02 + 1e-6 * 2924.5))
+
+
 def test_fits_now_despite_running_requests():
     running = [RequestLoad(2000, 500, 10, True)]
     p = predict_ttft(snap(free=30, running=running), 640)
@@ -189,6 +199,26 @@ def test_latency_model_recovers_a_quadratic():
     assert c.prefill_s(1500) == pytest.approx(0.005 + 2e-5 * 1500 + 1e-8 * 1500**2, rel=1e-3)
     assert c.decode_step(4) == pytest.approx(0.018, rel=1e-3)
     assert c.samples == 28
+
+
+def test_latency_model_fits_the_decode_step_by_count_and_context():
+    # The step grows with the context the running requests hold (attention reads their
+    # whole KV), not only with their count: 4 ms + 0.4 ms per request + 1.3 us per
+    # token of context. The fit by count alone (what older admissions read) is kept.
+    m = OnlineLatencyModel()
+    for n in range(1, 9):
+        for per_request in (64, 512, 1800):
+            m.observe_decode(n, 0.004 + 0.0004 * n + 1.3e-6 * n * per_request, n * per_request)
+    c = m.coefficients()
+    assert c.decode_step(4, 4 * 64) == pytest.approx(0.004 + 0.0016 + 1.3e-6 * 256, rel=1e-3)
+    assert c.decode_step(4, 4 * 1800) == pytest.approx(0.004 + 0.0016 + 1.3e-6 * 7200, rel=1e-3)
+    _, d1 = m.decode_fit_by_count()
+    assert d1 > 0.0004  # the count alone absorbs the context of the mix it saw
+    # Contexts unknown (a worker that does not count them): the fit stays by count.
+    blind = OnlineLatencyModel()
+    for n in range(1, 9):
+        blind.observe_decode(n, 0.01 + 0.002 * n)
+    assert blind.coefficients().decode_step_s_per_token == 0.0
 
 
 def test_latency_model_uses_prior_until_enough_samples_and_never_goes_negative():

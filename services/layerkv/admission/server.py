@@ -41,7 +41,7 @@ from layerkv.admission.routing import (
     retry_after_s,
     route_verdict,
     should_reject,
-    tpot_room,
+    worker_room,
 )
 from layerkv.admission.slo_classes import SloCatalog
 from layerkv.admission.ttft import TtftPrediction, WorkerSnapshot, predict_ttft
@@ -315,16 +315,17 @@ class AdmissionService:
         # decode too, scaled by how much slower tokens have been streaming through
         # here than the engine's step fit says (it misses the output path around it).
         factor = worker.decode_step_factor(lat)
-        step = factor * lat.decode_step(len(snap.running) + len(snap.waiting) + 1)
+        context = sum(r.prompt_tokens + r.output_tokens for r in (*snap.running, *snap.waiting))
+        step = factor * lat.decode_step(len(snap.running) + len(snap.waiting) + 1, context)
         idle_step = factor * lat.decode_step(1)
-        prefill_s = tpot_room(
+        return worker_room(
             worker.decode_progress(now),
             now,
             step,
-            sum(lat.prefill_s(r.prompt_tokens) for r in snap.waiting),
-            best_step_s=idle_step,
+            idle_step,
+            queued_prefill_s=sum(lat.prefill_s(r.prompt_tokens) for r in snap.waiting),
+            step_s_per_token=factor * lat.decode_step_s_per_token,
         )
-        return TpotRoom(prefill_s, step, idle_step_s=idle_step)
 
     def _log_decision(
         self,

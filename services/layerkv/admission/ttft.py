@@ -190,6 +190,10 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
 
     held_total = sum(held(ctx, res) for _, _, ctx, res, _ in running)
 
+    def context() -> int:
+        """Tokens of context the running requests hold now (decode steps read it)."""
+        return sum(ctx for _, _, ctx, _, _ in running) + steps_done * len(running)
+
     def growth() -> int:
         """Blocks the running requests will still take until their ``max_tokens``."""
         if not track_growth:
@@ -221,7 +225,8 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
             # Wait for the next running request to finish.
             step_open = False
             k = running[0][0] - steps_done
-            dt = k * lat.decode_step(len(running))
+            # k steps, the context growing by one token per request each: their mean.
+            dt = k * lat.decode_step(len(running), context() + len(running) * (k - 1) / 2)
             steps_done += k
             t += dt
             kv_wait_s += dt
@@ -245,6 +250,7 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
         batch_tokens += req.prompt_tokens
         # The step also advances every running request by one token.
         step_cost += lat.decode_step_s_per_seq * len(running)
+        step_cost += lat.decode_step_s_per_token * context()
         if qi == 0 and t == 0.0 and req.sent_s_ago > snap.overhead_s:
             # The head of the queue could start at once: it has been in its step since
             # it reached the engine, and that step takes no one else now.

@@ -76,10 +76,11 @@ class WorkerEndpoint:
     overhead_s: float = 0.0
     overhead_samples: deque[float] = field(default_factory=lambda: deque(maxlen=31), repr=False)
     # (seconds per token between consecutive token messages of one request, requests
-    # decoding here then), as streamed through here: the decode cadence clients get,
-    # engine step plus everything around it (output processing, the worker's and this
-    # service's streaming, the CPU they share), which the engine's step fit misses.
-    token_intervals: deque[tuple[float, int]] = field(
+    # decoding here then and the context they held), as streamed through here: the
+    # decode cadence clients get, engine step plus everything around it (output
+    # processing, the worker's and this service's streaming, the CPU they share),
+    # which the engine's step fit misses.
+    token_intervals: deque[tuple[float, int, int]] = field(
         default_factory=lambda: deque(maxlen=63), repr=False
     )
     _step_factor: tuple[LatencyCoefficients, float] | None = field(default=None, repr=False)
@@ -179,9 +180,14 @@ class WorkerEndpoint:
         waiting = requeued + waiting
         if len(load.prefill_s_coeffs) == 3 and load.latency_samples > 0:
             a, b, c = load.prefill_s_coeffs
-            latency = LatencyCoefficients(
-                a, b, c, load.decode_step_s, load.decode_step_s_per_seq, load.latency_samples
+            # The step fit with the context term if the worker has one (older workers
+            # and young fits report the fit by request count alone).
+            d0, d1, d2 = (
+                load.decode_step_coeffs
+                if len(load.decode_step_coeffs) == 3
+                else (load.decode_step_s, load.decode_step_s_per_seq, 0.0)
             )
+            latency = LatencyCoefficients(a, b, c, d0, d1, load.latency_samples, d2)
         else:
             latency = prior
         kv = KvState(
@@ -234,8 +240,11 @@ class WorkerEndpoint:
             mine.first_token_at = now
             mine.started = True
         elif mine.last_token_at is not None:
-            decoding = sum(r.started for r in self.local.values())
-            self.token_intervals.append(((now - mine.last_token_at) / tokens, decoding))
+            started = [r for r in self.local.values() if r.started]
+            context = sum(r.prompt_tokens + r.output_tokens for r in started)
+            self.token_intervals.append(
+                ((now - mine.last_token_at) / tokens, len(started), context)
+            )
             self._step_factor = None
         mine.last_token_at = now
         mine.output_tokens += tokens
@@ -252,7 +261,9 @@ class WorkerEndpoint:
         factor = 1.0
         if len(self.token_intervals) >= 8:
             ratios = [
-                dt / step for dt, n in self.token_intervals if (step := latency.decode_step(n)) > 0
+                dt / step
+                for dt, n, context in self.token_intervals
+                if (step := latency.decode_step(n, context)) > 0
             ]
             factor = max(1.0, statistics.median(ratios)) if ratios else 1.0
         self._step_factor = (latency, factor)

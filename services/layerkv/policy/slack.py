@@ -98,6 +98,23 @@ def min_protected_slack(
     )
 
 
+def protected_slacks(
+    progress: Iterable[DecodeProgress],
+    now_s: float,
+    decode_step_s: float,
+    best_step_s: float | None = None,
+) -> list[tuple[float, int]]:
+    """``(slack, remaining tokens)`` of each request :func:`protected_slack` protects:
+    how much one more prefill may stall it, and over how many more steps a slower
+    step would eat into that."""
+    out = []
+    for p in progress:
+        slack = protected_slack(p, now_s, decode_step_s, best_step_s)
+        if slack != math.inf:
+            out.append((slack, p.remaining_tokens))
+    return out
+
+
 def admit_early(min_slack_s: float, already_inserted_s: float, predicted_prefill_s: float) -> bool:
     """Whether one more early-admitted prefill fits in the running requests' slack,
     on top of the prefill time already inserted in this step."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +126,9 @@ class EngineStatsRecorder:
         # time (from its per-step inter-token latencies), for the admission's TTFT
         # predictor.
         self.latency = OnlineLatencyModel()
+        # Tokens of context the requests decoding now hold together (prompt + output
+        # so far): the worker's request table knows, the engine's statistics do not.
+        self.context_tokens: Callable[[], int] = lambda: 0
         # The LayerKV plug-in's counters (None on a stock engine).
         self.layerkv: LayerKVStats | None = None
 
@@ -139,7 +143,7 @@ class EngineStatsRecorder:
             # completed: each one's inter-token latency is that step's duration (engine
             # timestamps). A per-request mean TPOT would mix in other requests'
             # prefill steps and lag the batch size.
-            self.latency.observe_decode(len(itl), statistics.median(itl))
+            self.latency.observe_decode(len(itl), statistics.median(itl), self.context_tokens())
 
     def factory(self, vllm_config, engine_index: int = 0) -> StatLoggerBase:
         recorder = self

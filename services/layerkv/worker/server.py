@@ -59,11 +59,17 @@ class WorkerService:
     def attach(self, engine: AsyncLLM, stats: EngineStatsRecorder) -> None:
         self.engine = engine
         self.stats = stats
+        stats.context_tokens = self.decoding_context_tokens
         self.tokenizer = engine.get_tokenizer()
         model_config = engine.vllm_config.model_config
         self.max_model_len = model_config.max_model_len
         self.vocab_size = model_config.get_vocab_size()
         self.num_layers = model_config.get_num_layers(engine.vllm_config.parallel_config)
+
+    def decoding_context_tokens(self) -> int:
+        """Prompt + output tokens of the requests past their first token: the KV cache
+        every decode step reads."""
+        return sum(p.prompt_tokens + p.output_tokens for p in self.progress.values() if p.started)
 
     async def _require_engine(self, context) -> AsyncLLM:
         if self.engine is None:
@@ -179,10 +185,12 @@ class WorkerService:
             (lkv.prefill_a_s, lkv.prefill_b_s, lkv.prefill_c_s) if lkv is not None else None,
             lkv.prefill_samples if lkv is not None else 0,
         )
+        by_count = self.stats.latency.decode_fit_by_count()
         return worker_pb2.WorkerLoad(
             prefill_s_coeffs=prefill,
-            decode_step_s=lat.decode_step_s,
-            decode_step_s_per_seq=lat.decode_step_s_per_seq,
+            decode_step_s=by_count[0],
+            decode_step_s_per_seq=by_count[1],
+            decode_step_coeffs=self.stats.latency.decode_fit_with_context() or [],
             latency_samples=lat.samples,
             **self._layerkv_fields(),
             requests=list(self.progress.values()),
