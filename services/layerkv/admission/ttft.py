@@ -189,10 +189,9 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
         return _blocks(ctx0 + steps_done, kv, resident)
 
     held_total = sum(held(ctx, res) for _, _, ctx, res, _ in running)
-
-    def context() -> int:
-        """Tokens of context the running requests hold now (decode steps read it)."""
-        return sum(ctx for _, _, ctx, _, _ in running) + steps_done * len(running)
+    # Context the running requests hold (decode steps read it): their stored contexts
+    # plus one token each per step simulated.
+    ctx_total = sum(ctx for _, _, ctx, _, _ in running)
 
     def growth() -> int:
         """Blocks the running requests will still take until their ``max_tokens``."""
@@ -226,12 +225,14 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
             step_open = False
             k = running[0][0] - steps_done
             # k steps, the context growing by one token per request each: their mean.
-            dt = k * lat.decode_step(len(running), context() + len(running) * (k - 1) / 2)
+            n = len(running)
+            dt = k * lat.decode_step(n, ctx_total + n * (steps_done + (k - 1) / 2))
             steps_done += k
             t += dt
             kv_wait_s += dt
             while running and running[0][0] <= steps_done:
                 _, _, ctx, res, _ = heapq.heappop(running)
+                ctx_total -= ctx
                 if res < kv.groups:
                     host_free += (kv.groups - res) * cdiv(ctx + steps_done, kv.block_size)
             after = sum(held(ctx, res) for _, _, ctx, res, _ in running)
@@ -250,7 +251,7 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
         batch_tokens += req.prompt_tokens
         # The step also advances every running request by one token.
         step_cost += lat.decode_step_s_per_seq * len(running)
-        step_cost += lat.decode_step_s_per_token * context()
+        step_cost += lat.decode_step_s_per_token * (ctx_total + steps_done * len(running))
         if qi == 0 and t == 0.0 and req.sent_s_ago > snap.overhead_s:
             # The head of the queue could start at once: it has been in its step since
             # it reached the engine, and that step takes no one else now.
@@ -273,6 +274,7 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
         seq += 1
         # Its context now: the prompt, growing from the next step. ``held`` adds
         # ``steps_done``, so store the context relative to it.
+        ctx_total += req.prompt_tokens - steps_done
         heapq.heappush(
             running,
             (steps_done + max(req.remaining_tokens, 1), seq, req.prompt_tokens - steps_done,

@@ -240,11 +240,12 @@ class WorkerEndpoint:
             mine.first_token_at = now
             mine.started = True
         elif mine.last_token_at is not None:
-            started = [r for r in self.local.values() if r.started]
-            context = sum(r.prompt_tokens + r.output_tokens for r in started)
-            self.token_intervals.append(
-                ((now - mine.last_token_at) / tokens, len(started), context)
-            )
+            decoding = context = 0
+            for r in self.local.values():
+                if r.started:
+                    decoding += 1
+                    context += r.prompt_tokens + r.output_tokens
+            self.token_intervals.append(((now - mine.last_token_at) / tokens, decoding, context))
             self._step_factor = None
         mine.last_token_at = now
         mine.output_tokens += tokens
