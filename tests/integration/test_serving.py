@@ -282,9 +282,9 @@ async def test_worker_load_report(worker_stub, model_dir):
     assert load.config.model == str(model_dir)
 
 
-async def test_worker_reports_its_decode_step_fit_by_count_and_context(worker_stub):
-    # Two requests of different prompt lengths decode side by side: the worker feeds
-    # the context its requests hold into the step fit, which needs contexts that vary.
+async def test_worker_fits_its_decode_step_on_the_context_its_requests_hold(worker, worker_stub):
+    # Two requests of different prompt lengths decode side by side: each decode step
+    # the worker observes carries the context its requests hold (prompt + output).
     def generate(prompt_tokens: int):
         req = worker_pb2.WorkerGenerateRequest(
             prompt_token_ids=[7 + i % 500 for i in range(prompt_tokens)],
@@ -293,10 +293,14 @@ async def test_worker_reports_its_decode_step_fit_by_count_and_context(worker_st
         return _drain(worker_stub.Generate(req))
 
     await asyncio.gather(generate(40), generate(600))
+    # Their last steps: both decoding, 640 prompt tokens and some output each.
+    last = worker.service.stats.latency.decode_observations()[-3:]
+    assert any(n == 2 and context >= 642 for n, context, _ in last), last
     load = await worker_stub.GetLoad(worker_pb2.GetLoadRequest())
     assert load.decode_step_s > 0  # the fit by count alone, for older admissions
-    assert len(load.decode_step_coeffs) == 3 and min(load.decode_step_coeffs) >= 0
-    assert sum(load.decode_step_coeffs) > 0
+    # The fit with context, once it has one, is reported next to it.
+    coeffs = list(load.decode_step_coeffs)
+    assert len(coeffs) in (0, 3) and all(c >= 0 for c in coeffs)
 
 
 async def _drain(call) -> int:

@@ -219,6 +219,14 @@ def test_latency_model_fits_the_decode_step_by_count_and_context():
     for n in range(1, 9):
         blind.observe_decode(n, 0.01 + 0.002 * n)
     assert blind.coefficients().decode_step_s_per_token == 0.0
+    # Every step's cost on the context alone (no fixed cost) cannot be told from a
+    # fixed cost when contexts are all long: no context fit, the count fit stays.
+    long_only = OnlineLatencyModel()
+    for n in range(1, 9):
+        for per_request in (1500, 1600, 1800):
+            long_only.observe_decode(n, 2.5e-6 * n * per_request, n * per_request)
+    assert long_only.decode_fit_with_context() is None
+    assert long_only.coefficients().decode_step_s_per_token == 0.0
 
 
 def test_latency_model_uses_prior_until_enough_samples_and_never_goes_negative():

@@ -181,6 +181,11 @@ class OnlineLatencyModel:
     def samples(self) -> int:
         return len(self._prefill) + len(self._decode)
 
+    def decode_observations(self) -> list[tuple[int, int, float]]:
+        """What the decode fit rests on: ``(requests, context tokens, seconds)`` per
+        step, oldest first."""
+        return list(self._decode)
+
     def coefficients(self) -> LatencyCoefficients:
         """Both fits; the decode step with its context term once there is one."""
         if self._cached is None:
@@ -229,12 +234,17 @@ class OnlineLatencyModel:
             else:
                 d0, d1 = sum(ys) / len(ys), 0.0
             self._by_count = (d0, d1)
-            # The context term needs contexts that vary apart from the count.
+            # The context term needs contexts that vary apart from the count. A fit
+            # with next to no fixed cost per step (under a tenth of the fastest step
+            # seen) or no context cost could not tell the two apart on its samples: on
+            # a LayerKV worker whose requests all held long contexts the fit put the
+            # whole step on the context (d0 = d1 = 0), which predicts a step of nothing
+            # for a short request; keep the fit by count there.
             if len(set(cs)) >= 3 and len(set(zip(ns, cs, strict=True))) >= 4:
                 w = lower_envelope_fit(
                     [[1.0, float(n), float(c)] for n, c in zip(ns, cs, strict=True)], ys
                 )
-                if w is not None:
+                if w is not None and w[0] >= 0.1 * min(ys) and w[2] > 0:
                     d0, d1, d2 = w
                     self._with_context = (d0, d1, d2)
         return LatencyCoefficients(a, b, c, d0, d1, used, d2)
