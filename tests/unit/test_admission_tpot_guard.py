@@ -1,5 +1,5 @@
 """The dispatch TPOT guard: a request goes only to a worker whose decoding requests'
-TPOT slack covers its prefill (``routing.tpot_room``, applied in
+TPOT slack covers its prefill (``routing.worker_room``, applied in
 ``AdmissionService.dispatch``). Worker state is set by hand; no network is used."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from layerkv.admission.outcomes import OutcomeRecorder
 from layerkv.admission.queue import QueuedRequest
-from layerkv.admission.routing import ClassPolicy, MissPolicy, has_room, tpot_room, worker_room
+from layerkv.admission.routing import ClassPolicy, MissPolicy, has_room, worker_room
 from layerkv.admission.server import AdmissionService, _Rejected, _Routed
 from layerkv.admission.slo_classes import SloCatalog
 from layerkv.admission.ttft import TtftPrediction
@@ -39,9 +39,10 @@ def test_tpot_room_is_the_smallest_slack_less_queued_prefills():
     # 0.38, spent 0.09, future 0.05 -> 0.24 s of slack.
     tight = DecodeProgress(0.02, 10, now - 0.09, 10)
     loose = DecodeProgress(1.0, 10, now - 0.09, 10)
-    assert tpot_room([tight, loose], now, 0.005) == pytest.approx(0.24)
-    assert tpot_room([tight], now, 0.005, queued_prefill_s=0.04) == pytest.approx(0.20)
-    assert tpot_room([], now, 0.005) == math.inf  # nothing decoding: no limit
+    assert worker_room([tight, loose], now, 0.005, 0.005).prefill_s == pytest.approx(0.24)
+    queued = worker_room([tight], now, 0.005, 0.005, queued_prefill_s=0.04)
+    assert queued.prefill_s == pytest.approx(0.20)
+    assert worker_room([], now, 0.005, 0.005).prefill_s == math.inf  # nothing decoding
 
 
 def test_a_long_prompt_costs_room_for_the_context_it_adds_to_every_step():

@@ -19,10 +19,10 @@ from layerkv.policy.sizing import blocks_needed, max_resident_groups, promotion_
 from layerkv.policy.slack import (
     DecodeProgress,
     admit_early,
-    min_protected_slack,
     min_slack,
     missed_ttft,
     protected_slack,
+    protected_slacks,
     tpot_slack,
 )
 
@@ -110,8 +110,8 @@ def test_protected_slack_skips_requests_that_violate_their_slo_already():
     assert protected_slack(late, 1.0, 0.05) == math.inf  # its first token was late
     assert protected_slack(behind, 1.0, 0.06) == math.inf  # its TPOT budget is spent
     assert protected_slack(unknown_due, 1.0, 0.05) == pytest.approx(0.5)
-    assert min_protected_slack([late, behind], 1.0, 0.06) == math.inf
-    assert min_protected_slack([late, on_time], 1.0, 0.05) == pytest.approx(0.5)
+    assert protected_slacks([late, behind], 1.0, 0.06) == []
+    assert protected_slacks([late, on_time], 1.0, 0.05) == [(pytest.approx(0.5), 10)]
 
 
 def test_a_request_behind_that_can_catch_up_alone_is_protected_with_no_room():
@@ -121,10 +121,10 @@ def test_a_request_behind_that_can_catch_up_alone_is_protected_with_no_room():
     behind = DecodeProgress(0.05, 11, 0.0, 100, first_token_due_s=0.5)
     roomy = DecodeProgress(1.0, 11, 0.0, 10, first_token_due_s=0.5)
     assert protected_slack(behind, 1.0, 0.06, best_step_s=0.04) == 0.0
-    assert min_protected_slack([behind, roomy], 1.0, 0.06, best_step_s=0.04) == 0.0
+    assert protected_slacks([behind, roomy], 1.0, 0.06, best_step_s=0.04)[0] == (0.0, 100)
     # Behind at the best step too (46 ms: 0.1 s short): lost, it protects nothing.
     assert protected_slack(behind, 1.0, 0.06, best_step_s=0.046) == math.inf
-    assert min_protected_slack([behind, roomy], 1.0, 0.06, best_step_s=0.046) > 0
+    assert [n for _, n in protected_slacks([behind, roomy], 1.0, 0.06, 0.046)] == [10]
 
 
 def test_step_time_model_recovers_quadratic():

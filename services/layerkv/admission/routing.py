@@ -8,7 +8,7 @@
 * Otherwise the request waits in the admission queue until :func:`dispatch_verdict`
   lets it go: when some worker can start it at once, or just before it must go to
   meet its deadline; and only to a worker whose decoding requests' TPOT slack covers
-  its prefill (:func:`tpot_room`, :func:`route_verdict`). Holding requests
+  its prefill (:func:`worker_room`, :func:`route_verdict`). Holding requests
   here rather than in the workers' FIFO queues lets urgent requests overtake and
   routes each request late, to whichever worker frees up first.
 """
@@ -160,7 +160,7 @@ def dispatch_verdict(
 class TpotRoom:
     """What a worker's decoding can take on without missing TPOT targets."""
 
-    # Prefill time its decoding requests can absorb (:func:`tpot_room`).
+    # Prefill time its decoding requests can absorb (:func:`worker_room`).
     prefill_s: float = math.inf
     # The decode step every request there would take with one more decoding (before
     # its own context: see ``step_s_per_token``).
@@ -197,24 +197,6 @@ NO_LIMIT = TpotRoom()
 OWN_STEP_SHARE = 0.8
 
 
-def tpot_room(
-    running: Iterable[DecodeProgress],
-    now: float,
-    decode_step_s: float,
-    queued_prefill_s: float = 0.0,
-    best_step_s: float | None = None,
-) -> float:
-    """Prefill time a worker can still take without its requests missing their TPOT
-    targets: the smallest TPOT slack (``policy/slack.py``) among those that can still
-    meet their SLO (decoding, or sent and waiting for their first token; at
-    ``best_step_s``, the worker's fastest step, if not at ``decode_step_s``), less the
-    prefills already queued there. Every prefill stalls every decode on the worker
-    once, so a request whose prefill does not fit waits here rather than break the
-    others' targets."""
-    slacks = protected_slacks(running, now, decode_step_s, best_step_s)
-    return min((s for s, _ in slacks), default=math.inf) - queued_prefill_s
-
-
 def worker_room(
     running: Iterable[DecodeProgress],
     now: float,
@@ -223,8 +205,15 @@ def worker_room(
     queued_prefill_s: float = 0.0,
     step_s_per_token: float = 0.0,
 ) -> TpotRoom:
-    """A worker's :class:`TpotRoom`: :func:`tpot_room` at ``step_s`` (the step with
-    one more request decoding), with what a new request's own context will cost."""
+    """A worker's :class:`TpotRoom`. Its ``prefill_s`` is the prefill time the worker
+    can still take without its requests missing their TPOT targets: the smallest TPOT
+    slack (``policy/slack.py``) at ``step_s`` (the step with one more request
+    decoding) among those that can still meet their SLO (decoding, or sent and
+    waiting for their first token; at ``idle_step_s``, the worker's fastest step, if
+    not at ``step_s``), less the prefills already queued there. Every prefill stalls
+    every decode on the worker once, so a request whose prefill does not fit waits
+    here rather than break the others' targets. What a new request's own context will
+    cost comes with it (:meth:`TpotRoom.for_prompt`)."""
     protected = protected_slacks(running, now, step_s, idle_step_s)
     return TpotRoom(
         min((s for s, _ in protected), default=math.inf) - queued_prefill_s,
@@ -244,7 +233,7 @@ def has_room(
 ) -> bool:
     """Whether ``item`` can go to ``prediction``'s worker without breaking a decoding
     request's TPOT target there, or its own: requests that already miss their SLO
-    are not protected (:func:`tpot_room`), so without its own check a request would be
+    are not protected (:func:`worker_room`), so without its own check a request would be
     sent to decode among them, at a step too slow for its target."""
     prefill_room, next_step, idle_step = room.for_prompt(item.prompt_tokens)
     if prediction.prefill_s > prefill_room:

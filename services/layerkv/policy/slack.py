@@ -86,18 +86,6 @@ def protected_slack(
     return math.inf
 
 
-def min_protected_slack(
-    progress: Iterable[DecodeProgress],
-    now_s: float,
-    decode_step_s: float,
-    best_step_s: float | None = None,
-) -> float:
-    return min(
-        (protected_slack(p, now_s, decode_step_s, best_step_s) for p in progress),
-        default=math.inf,
-    )
-
-
 def protected_slacks(
     progress: Iterable[DecodeProgress],
     now_s: float,
