@@ -73,6 +73,10 @@ def test_the_step_fit_with_context_is_used_when_the_worker_has_one():
         .latency
     )
     assert with_context.decode_step(2, 5000) == pytest.approx(0.004 + 0.0008 + 0.0065)
+    # A malformed context fit (wrong length, NaN, negative) is ignored for the count fit.
+    for bad in ([0.004, 0.0004], [0.004, float("nan"), 1e-6], [0.004, 0.0004, -1e-6]):
+        odd = endpoint(load(decode_step_s_per_seq=0.002, decode_step_coeffs=bad, **fit))
+        assert odd.snapshot(PRIOR).latency.decode_step(2, 5000) == pytest.approx(0.014), bad
 
 
 def test_no_fit_yet_uses_the_prior():

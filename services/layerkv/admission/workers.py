@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import socket
 import statistics
 import time
@@ -180,13 +181,12 @@ class WorkerEndpoint:
         waiting = requeued + waiting
         if len(load.prefill_s_coeffs) == 3 and load.latency_samples > 0:
             a, b, c = load.prefill_s_coeffs
-            # The step fit with the context term if the worker has one (older workers
-            # and young fits report the fit by request count alone).
-            d0, d1, d2 = (
-                load.decode_step_coeffs
-                if len(load.decode_step_coeffs) == 3
-                else (load.decode_step_s, load.decode_step_s_per_seq, 0.0)
-            )
+            # The step fit with the context term if the worker has a usable one (older
+            # workers and young fits report the fit by request count alone; a NaN or
+            # negative coefficient would turn every room check false or infinite).
+            coeffs = tuple(load.decode_step_coeffs)
+            usable = len(coeffs) == 3 and all(math.isfinite(c) and c >= 0 for c in coeffs)
+            d0, d1, d2 = coeffs if usable else (load.decode_step_s, load.decode_step_s_per_seq, 0.0)
             latency = LatencyCoefficients(a, b, c, d0, d1, load.latency_samples, d2)
         else:
             latency = prior
