@@ -12,7 +12,15 @@ import pytest
 
 from layerkv.admission.outcomes import OutcomeRecorder
 from layerkv.admission.queue import QueuedRequest
-from layerkv.admission.routing import ClassPolicy, MissPolicy, has_room, worker_room
+from layerkv.admission.routing import (
+    ClassPolicy,
+    MissPolicy,
+    Verdict,
+    has_room,
+    prefill_reserve,
+    route_verdict,
+    worker_room,
+)
 from layerkv.admission.server import AdmissionService, _Rejected, _Routed
 from layerkv.admission.slo_classes import SloCatalog
 from layerkv.admission.ttft import TtftPrediction
@@ -61,6 +69,36 @@ def test_a_long_prompt_costs_room_for_the_context_it_adds_to_every_step():
     # Where the step does not depend on context, the long prefill fits.
     blind = worker_room([protected], now, 0.0475, 0.004)
     assert has_room(long, TtftPrediction("w", 0.16, 0, 0, 0.16, 1), blind)
+
+
+def test_a_request_that_can_wait_goes_only_where_its_prefill_leaves_slack_to_spare():
+    # The same protected request, 0.2 s of slack; a long prompt (100 ms prefill, 1.5 s
+    # TTFT target) fits it, but the guard's slack is a prediction: while the request
+    # can wait, it asks for room to spare, up to its prefill again, none once due.
+    now = 100.0
+    room = {"w": worker_room([DecodeProgress(0.05, 17, now - 0.8, 80)], now, 0.0475, 0.004)}
+    pred = TtftPrediction("w", 0.1, 0, 0, 0.1, 1)
+    item = QueuedRequest("b", "c", now, now + 1.5, 1.5, prompt_tokens=1000, max_tokens=10)
+    assert has_room(item, pred, room["w"])
+    # Arrived: it can wait (1.5 - 0.1 - 0.3) / 1.5 = 0.73 of its target, so asks for
+    # 0.73 x its prefill more, 0.173 s of room in all... which 0.2 s covers; where the
+    # slack is 0.15 s it waits.
+    assert prefill_reserve(item, pred, now) == pytest.approx(1.1 / 1.5)
+    verdict, chosen = route_verdict(item, [pred], room, now)
+    assert verdict is Verdict.DISPATCH and chosen.worker == "w"
+    room = {"w": worker_room([DecodeProgress(0.05, 17, now - 0.85, 80)], now, 0.0475, 0.004)}
+    assert room["w"].prefill_s == pytest.approx(0.15)
+    assert route_verdict(item, [pred], room, now)[0] is Verdict.WAIT
+    # 0.9 s later it can wait 0.13 of its target: 0.113 s of room will do.
+    assert prefill_reserve(item, pred, now + 0.9) == pytest.approx(0.2 / 1.5)
+    verdict, chosen = route_verdict(item, [pred], room, now + 0.9)
+    assert verdict is Verdict.DISPATCH and chosen.worker == "w"
+    # Due: no reserve at all.
+    assert prefill_reserve(item, pred, now + 1.2) == 0.0
+    # Where nothing decodes there is nothing to spare room for: it goes at once.
+    assert route_verdict(item, [pred], {"w": worker_room([], now, 0.005, 0.004)}, now)[0] is (
+        Verdict.DISPATCH
+    )
 
 
 async def service_with(
