@@ -163,7 +163,7 @@ async def test_a_prefill_goes_to_the_worker_whose_decodes_can_absorb_it():
     )
     service.pool.workers[0].local["t"].first_token_at = time.monotonic() - 0.012 * 19
     try:
-        preds = {p.worker: p for p in service.predictions(1500, 10)}
+        preds = {p.worker: p for p in service._view().predictions(1500, 10)}
         assert preds["tight:1"].ttft_s < preds["idle:1"].ttft_s
         # Due in 0.4 s: too close to wait for a worker that could start it at once.
         item = queued_and_dispatched(service, "long", 1500, ttft_s=0.4)
@@ -278,7 +278,7 @@ async def test_a_request_behind_only_at_todays_step_still_holds_prefills_back():
     for w in service.pool.workers:
         w.load.decode_step_s_per_seq = 0.001
     try:
-        preds = {p.worker: p for p in service.predictions(1500, 10)}
+        preds = {p.worker: p for p in service._view().predictions(1500, 10)}
         assert preds["a:1"].ttft_s < preds["b:1"].ttft_s
         item = queued_and_dispatched(service, "long", 1500, ttft_s=0.4)
         assert item.payload.done() and item.payload.result().worker.address == "b:1"
@@ -418,5 +418,39 @@ async def test_an_arrival_with_an_empty_queue_is_decided_as_a_dispatch_pass_woul
         (sent,) = await route(service, "short", 100)
         assert isinstance(sent, _Routed) and sent.queued_s >= 0
         assert "short" in sent.worker.local and len(service.queue) == 0
+    finally:
+        await service.pool.close()
+
+
+class _DryRunContext:
+    """What ``Predict`` asks of its gRPC context: no client deadline, no abort."""
+
+    def time_remaining(self) -> None:
+        return None
+
+    async def abort(self, code, details: str):
+        raise AssertionError(f"aborted: {code} {details}")
+
+
+async def test_the_dry_run_answers_as_the_request_would_be_decided():
+    # Predict applies the guard as Generate does: on the same two tight workers the
+    # 1500-token prompt would be held (QUEUED), the 100-token one sent (ADMITTED);
+    # nothing is queued or sent by asking.
+    service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
+    try:
+
+        async def dry_run(prompt_tokens: int) -> admission_pb2.Decision:
+            request = admission_pb2.GenerateRequest(
+                prompt_token_ids=[7] * prompt_tokens, slo_class="c"
+            )
+            return (await service.Predict(request, _DryRunContext())).decision
+
+        held = await dry_run(1500)
+        assert held.kind == admission_pb2.DECISION_KIND_QUEUED
+        assert "TPOT" in held.reason and held.predicted_ttft_s > 0
+        sent = await dry_run(100)
+        assert sent.kind == admission_pb2.DECISION_KIND_ADMITTED and sent.worker
+        assert len(service.queue) == 0
+        assert all(set(w.local) <= {"x", "y"} for w in service.pool.workers)
     finally:
         await service.pool.close()

@@ -35,7 +35,6 @@ from layerkv.admission.routing import (
     Verdict,
     best_prediction,
     deadline_for,
-    dispatch_verdict,
     overdue_route,
     queued_rejection,
     retry_after_s,
@@ -207,16 +206,6 @@ class AdmissionService:
             ratio = prompt_tokens / max(len(request.prompt.encode()), 1)
             self.tokens_per_byte += 0.2 * (ratio - self.tokens_per_byte)
 
-    # -- prediction ---------------------------------------------------------------------
-
-    def predictions(
-        self, prompt_tokens: int, max_tokens: int, workers: list[WorkerEndpoint] | None = None
-    ) -> list[TtftPrediction]:
-        workers = self.pool.routable() if workers is None else workers
-        return [
-            predict_ttft(w.snapshot(self.pool.prior), prompt_tokens, max_tokens) for w in workers
-        ]
-
     # -- the admission queue ------------------------------------------------------------
 
     def dispatch(self, view: _View | None = None) -> None:
@@ -374,17 +363,8 @@ class AdmissionService:
         rejection = should_reject(best, target.ttft_s, policy)
         if rejection is not None:
             raise _Rejected(rejection)
-        item = QueuedRequest(
-            request_id=request_id,
-            slo_class=target.name,
-            arrival=arrival,
-            deadline=deadline_for(arrival, target.ttft_s, client_deadline),
-            ttft_target_s=target.ttft_s,
-            priority=priority,
-            prompt_tokens=prompt_tokens,
-            max_tokens=max_tokens,
-            client_deadline=client_deadline,
-            tpot_target_s=target.tpot_s,
+        item = _queued_request(
+            request_id, target, prompt_tokens, max_tokens, priority, client_deadline, arrival
         )
         if not self.queue:
             # Nothing ahead of it: one that can go now goes without touching the queue
@@ -406,8 +386,7 @@ class AdmissionService:
                     admission_pb2.DECISION_KIND_QUEUED,
                     best,
                     queue_position=self.queue.position(item),
-                    reason="no worker can start it now within its TTFT target and the "
-                    "running requests' TPOT targets",
+                    reason=_NO_ROOM_NOW,
                     prompt_tokens=prompt_tokens,
                 )
             yield await item.payload
@@ -425,11 +404,6 @@ class AdmissionService:
             worker=best.worker if best else "",
             **kw,
         )
-
-    @staticmethod
-    def _would_dispatch(target: SloTarget, best: TtftPrediction, now: float) -> bool:
-        probe = QueuedRequest("", target.name, now, now + target.ttft_s, target.ttft_s)
-        return dispatch_verdict(probe, best, now) is Verdict.DISPATCH
 
     # -- RPCs ---------------------------------------------------------------------------
 
@@ -547,9 +521,10 @@ class AdmissionService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         prompt_tokens = self._prompt_tokens(request)
         max_tokens = sampling_from_proto(request.sampling).max_tokens
-        now = time.monotonic()
-        routable = self.pool.routable(now)
-        preds = {p.worker: p for p in self.predictions(prompt_tokens, max_tokens, routable)}
+        remaining = context.time_remaining()
+        view = self._view()
+        now = view.now
+        preds = {p.worker: p for p in view.predictions(prompt_tokens, max_tokens)}
         workers = []
         for w in self.pool.workers:
             p = preds.get(w.address)
@@ -585,20 +560,33 @@ class AdmissionService:
                 reason=rejection.reason,
                 **kw,
             )
-        elif not self.queue and self._would_dispatch(target, best, now):
-            decision = self._decision(admission_pb2.DECISION_KIND_ADMITTED, best, **kw)
         else:
-            decision = self._decision(
-                admission_pb2.DECISION_KIND_QUEUED,
-                best,
-                queue_position=len(self.queue) + 1,
-                reason=(
-                    "requests are queued ahead"
-                    if self.queue
-                    else "no worker can meet the TTFT target now"
-                ),
-                **kw,
-            )
+            # What Generate would decide now: with nothing queued, the decision of its
+            # fast path (the TPOT guard included); otherwise it would queue.
+            chosen = None
+            if not self.queue:
+                item = _queued_request(
+                    "",
+                    target,
+                    prompt_tokens,
+                    max_tokens,
+                    request.priority,
+                    now + remaining if remaining is not None else None,
+                    now,
+                )
+                verdict, chosen, rejected = self._decide(item, view, list(preds.values()))
+                if rejected is not None or verdict is not Verdict.DISPATCH:
+                    chosen = None
+            if chosen is not None:
+                decision = self._decision(admission_pb2.DECISION_KIND_ADMITTED, chosen, **kw)
+            else:
+                decision = self._decision(
+                    admission_pb2.DECISION_KIND_QUEUED,
+                    best,
+                    queue_position=len(self.queue) + 1,
+                    reason="requests are queued ahead" if self.queue else _NO_ROOM_NOW,
+                    **kw,
+                )
         return admission_pb2.Prediction(decision=decision, workers=workers)
 
     async def _forward(
@@ -772,6 +760,34 @@ class AdmissionSettings:
     stale_after_s: float = 3.0
     decision_log: str = ""  # path of a JSON-lines log of every dispatch ('' = none)
     tpot_guard: bool = True
+
+
+_NO_ROOM_NOW = (
+    "no worker can start it now within its TTFT target and the running requests' TPOT targets"
+)
+
+
+def _queued_request(
+    request_id: str,
+    target: SloTarget,
+    prompt_tokens: int,
+    max_tokens: int,
+    priority: int,
+    client_deadline: float | None,
+    arrival: float,
+) -> QueuedRequest:
+    return QueuedRequest(
+        request_id=request_id,
+        slo_class=target.name,
+        arrival=arrival,
+        deadline=deadline_for(arrival, target.ttft_s, client_deadline),
+        ttft_target_s=target.ttft_s,
+        priority=priority,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        client_deadline=client_deadline,
+        tpot_target_s=target.tpot_s,
+    )
 
 
 def build_service(settings: AdmissionSettings) -> AdmissionService:
