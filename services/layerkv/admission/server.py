@@ -145,6 +145,35 @@ class _View:
         ]
 
 
+_NO_ROOM_NOW = (
+    "no worker can start it now within its TTFT target and the running requests' TPOT targets"
+)
+
+
+def _queued_request(
+    request_id: str,
+    target: SloTarget,
+    prompt_tokens: int,
+    max_tokens: int,
+    priority: int,
+    client_deadline: float | None,
+    arrival: float,
+) -> QueuedRequest:
+    """A new request's queue entry: what ``Generate`` queues and ``Predict`` decides on."""
+    return QueuedRequest(
+        request_id=request_id,
+        slo_class=target.name,
+        arrival=arrival,
+        deadline=deadline_for(arrival, target.ttft_s, client_deadline),
+        ttft_target_s=target.ttft_s,
+        priority=priority,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        client_deadline=client_deadline,
+        tpot_target_s=target.tpot_s,
+    )
+
+
 class AdmissionService:
     """Implements ``layerkv.v1.Admission``."""
 
@@ -760,34 +789,6 @@ class AdmissionSettings:
     stale_after_s: float = 3.0
     decision_log: str = ""  # path of a JSON-lines log of every dispatch ('' = none)
     tpot_guard: bool = True
-
-
-_NO_ROOM_NOW = (
-    "no worker can start it now within its TTFT target and the running requests' TPOT targets"
-)
-
-
-def _queued_request(
-    request_id: str,
-    target: SloTarget,
-    prompt_tokens: int,
-    max_tokens: int,
-    priority: int,
-    client_deadline: float | None,
-    arrival: float,
-) -> QueuedRequest:
-    return QueuedRequest(
-        request_id=request_id,
-        slo_class=target.name,
-        arrival=arrival,
-        deadline=deadline_for(arrival, target.ttft_s, client_deadline),
-        ttft_target_s=target.ttft_s,
-        priority=priority,
-        prompt_tokens=prompt_tokens,
-        max_tokens=max_tokens,
-        client_deadline=client_deadline,
-        tpot_target_s=target.tpot_s,
-    )
 
 
 def build_service(settings: AdmissionSettings) -> AdmissionService:
