@@ -229,6 +229,42 @@ async def test_a_queue_class_request_due_now_goes_where_it_does_least_harm():
         await service.pool.close()
 
 
+def test_a_queue_class_request_that_can_no_longer_make_it_waits_for_room():
+    # No room anywhere (50 ms of slack, a 100 ms prefill). Due now and still able to
+    # meet its deadline, a queue-class request goes where it does least harm; predicted
+    # past its deadline, it has missed already and waits for room instead.
+    now = 100.0
+    rooms = {"w": worker_room([DecodeProgress(0.05, 17, now - 0.95, 80)], now, 0.0475, 0.004)}
+    pred = TtftPrediction("w", 0.15, 0.05, 0, 0.1, 1)
+    assert not has_room(
+        QueuedRequest("x", "c", now, now, 1.5, prompt_tokens=1000), pred, rooms["w"], 1.0
+    )
+    in_time = QueuedRequest("b", "c", now, now + 0.2, 1.5, prompt_tokens=1000, max_tokens=10)
+    verdict, chosen = route_verdict(in_time, [pred], rooms, now, must_serve=True)
+    assert verdict is Verdict.DISPATCH and chosen is pred
+    too_late = QueuedRequest("b", "c", now, now + 0.12, 1.5, prompt_tokens=1000, max_tokens=10)
+    assert route_verdict(too_late, [pred], rooms, now, must_serve=True)[0] in (
+        Verdict.WAIT,
+        Verdict.LATE,
+    )
+
+
+async def test_a_late_queue_class_request_goes_where_it_does_least_harm_after_the_hold():
+    # Two tight workers, no room for a 160 ms prefill: a queue-class request already
+    # past its deadline waits for room, but only for max_hold_factor x its target.
+    service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0110, 30)]})
+    try:
+        item = queued(service, "late", 1500, ttft_s=0.5)
+        item.deadline = time.monotonic() - 0.01
+        service.dispatch()
+        assert not item.payload.done()
+        item.arrival -= service.max_hold_factor * item.ttft_target_s
+        service.dispatch()
+        assert item.payload.done() and item.payload.result().worker.address == "b:1"
+    finally:
+        await service.pool.close()
+
+
 async def test_a_reject_class_request_that_waited_too_long_for_room_is_rejected():
     # A reject class (factor 2) on the same two tight workers: the request waits for
     # room; once its wait + the best prediction exceed 2x its target it is refused

@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-hold-factor",
         "LAYERKV_MAX_HOLD_FACTOR",
         4.0,
-        "after this many TTFT targets a queued reject-class request goes to any worker "
-        "with prefill room (queue-class requests go by their deadline)",
+        "after this many TTFT targets a request held for TPOT room goes to any worker "
+        "with prefill room (a queue-class one, to the least harmed worker if none has)",
         type=float,
     )
     env_flag(

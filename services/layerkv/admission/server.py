@@ -35,6 +35,7 @@ from layerkv.admission.routing import (
     Verdict,
     best_prediction,
     deadline_for,
+    least_harm_route,
     overdue_route,
     queued_rejection,
     retry_after_s,
@@ -195,8 +196,9 @@ class AdmissionService:
         self.in_flight: set[str] = set()
         self.draining = False
         self.queue = create_queue(queue_policy, queue_capacity)
-        # A queued request is sent to the best worker after max_hold_factor x its TTFT
-        # target even if none can serve it in time: bounded hold, no starvation.
+        # A request held for TPOT room goes after max_hold_factor x its TTFT target to
+        # a worker with prefill room, or (a queue class, which must be served) to the
+        # one where it does least harm: bounded hold, no starvation.
         self.max_hold_factor = max_hold_factor
         # Prompt tokens per byte of text, learned from the workers' usage reports (text
         # prompts are tokenised by the worker; admission only needs an estimate).
@@ -299,6 +301,9 @@ class AdmissionService:
                 return verdict, best, rejection
             if view.now - item.arrival >= self.max_hold_factor * item.ttft_target_s:
                 overdue = overdue_route(preds, view.rooms)
+                if overdue is None and policy.on_miss is MissPolicy.QUEUE:
+                    # It must be served: the hold is as long as it waits for room.
+                    overdue = least_harm_route(preds, view.rooms)
                 if overdue is not None:
                     return Verdict.DISPATCH, overdue, None
         return verdict, best, None
