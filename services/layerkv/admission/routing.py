@@ -352,9 +352,9 @@ def route_verdict(
       for room like a rejectable request, so that its prefill does not also break the
       requests that can still meet theirs; past the bounded hold the caller sends it
       anyway. In a burst that the workers cannot absorb, sending these at once took
-      the room of the requests behind them: local A-B-B-A runs at 2.4 x capacity,
-      violations 0.296 -> 0.268 (round-robin 0.375), batch TTFT misses 57 -> 40-49 and
-      interactive rejections 60-63 -> 33-46 per round.
+      the room of the requests behind them: two local A-B-B-A runs at 2.4 x capacity,
+      violations 0.296 -> 0.268 and 0.296 -> 0.218 (round-robin 0.375, 0.282), batch
+      TTFT misses 49-64 -> 28-49 and interactive rejections 49-69 -> 33-46 per round.
 
     A request that cannot fit on any worker at all goes at once (its error is the
     worker's to give)."""
