@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         # while round-robin's batch TPOT under this load stayed at 10.2-12.4 ms, so
         # targets at 3x idle (and a rate from it) swung from out of reach to loose
         # (round-robin violated 0.16-0.62). Over five restarts of both workers and four
-        # rounds at 8.1-9.9 req/s, the loaded probe read 0.57-0.65 of round-robin's
+        # rounds at 8.1-9.9 req/s, the loaded probe read 0.57-0.66 of round-robin's
         # batch TPOT p50, the idle one 0.36-0.45.
         CLASSES["interactive"] = (max(4 * ttft_short, 0.15), 2 * loaded)
         CLASSES["batch"] = (max(8 * ttft_long, 1.0), 2 * loaded)
