@@ -109,7 +109,7 @@ async def test_layerkv_worker_is_lossless_and_reports_offload(layerkv_worker, wo
         assert after.kv_blocks_free == after.kv_blocks_total  # nothing leaked on the device
 
     metrics = await asyncio.to_thread(scrape, layerkv_worker.extra["metrics_url"])
-    # Stock vLLM would have run one of these at a time; LayerKV started more by
+    # Stock vLLM cannot hold two of these in its KV cache at once; LayerKV started more by
     # offloading layers, and moved their KV both ways.
     assert metrics["layerkv_worker_admitted_early_total"] >= 1
     assert metrics["layerkv_worker_bytes_offloaded_total"] > 0
