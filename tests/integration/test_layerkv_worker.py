@@ -24,9 +24,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 # 70 blocks' worth of KV of the default model (8 layers x 32 tokens x 4 KV heads x 32
 # dims x K,V x fp32): no two of the prompts below fit in it together (the smallest pair
 # needs 36 + 38 blocks), so any two that overlap make the worker offload. The outputs
-# are long enough that they do overlap however the five arrive: on a busy machine the
-# worker has seen one request finish before the next one arrived (CI, stop 15), and
-# with short outputs and a pair that fitted, nothing was offloaded at all.
+# are long enough that they do overlap however the five arrive: with the cores busy the
+# worker finished a short request before it saw the next, and once in CI (stop 15),
+# with short outputs and pairs that fitted, nothing was offloaded within 60 s.
 KV_CACHE_GIB = 70 * 8 * 32 * 4 * 32 * 2 * 4 / (1 << 30)
 WORKLOAD = [(1200, 112), (1300, 128), (1500, 96), (1150, 120), (1400, 104)]
 
