@@ -109,6 +109,12 @@ def _blocks(tokens: int, kv: KvState, resident: int) -> int:
     return blocks_needed(kv.groups, resident, per_group)
 
 
+def _lists(kv: KvState, resident: int) -> int:
+    """Block lists a request with ``resident`` groups holds (blocks = lists x blocks
+    per group)."""
+    return blocks_needed(kv.groups, resident, 1)
+
+
 def _final_blocks_per_group(prompt_tokens: int, max_tokens: int, kv: KvState) -> int:
     """Blocks per group a request holds at its end: what LayerKV admission plans for."""
     total = prompt_tokens + max(max_tokens, 1)
@@ -167,16 +173,18 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
     host_free = kv.host_blocks_free
     t = 0.0
     # Running requests: (steps until finished, seq, context tokens, resident groups,
-    # blocks per group at their end). Blocks held are derived from the context, so
-    # decode growth is accounted for.
-    running: list[tuple[int, int, int, int, int]] = []
+    # blocks per group at their end, block lists held: see sizing.blocks_needed).
+    # Blocks held are derived from the context, so decode growth is accounted for.
+    # Their final blocks matter only to LayerKV's sizing (``growth``).
+    track_growth = kv.layerkv and kv.groups > 1
+    running: list[tuple[int, int, int, int, int, int]] = []
     for i, r in enumerate(snap.running):
         ctx = r.prompt_tokens + r.output_tokens
-        final = _final_blocks_per_group(r.prompt_tokens, r.max_tokens, kv)
+        final = _final_blocks_per_group(r.prompt_tokens, r.max_tokens, kv) if track_growth else 0
         resident = kv.groups - min(r.offloaded_groups, kv.groups)
-        running.append((max(r.remaining_tokens, 1), i, ctx, resident, final))
+        remaining = max(r.max_tokens - r.output_tokens, 1)
+        running.append((remaining, i, ctx, resident, final, _lists(kv, resident)))
     heapq.heapify(running)
-    track_growth = kv.layerkv and kv.groups > 1
     steps_done = 0  # decode steps simulated so far (shared by all running)
     queue = [*snap.waiting, RequestLoad(prompt_tokens, max_tokens, request_id="\0new")]
     queue_s = kv_wait_s = 0.0
@@ -185,20 +193,26 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
     step_open = False
     step_start = 0.0
 
-    def held(ctx0: int, resident: int) -> int:
-        return _blocks(ctx0 + steps_done, kv, resident)
+    bs = kv.block_size
 
-    held_total = sum(held(ctx, res) for _, _, ctx, res, _ in running)
+    def held_by_running() -> int:
+        # _blocks(ctx + steps_done, kv, resident) of each, inlined (``or 1``: at least
+        # one block, as _blocks): this sum runs after every request the replay
+        # finishes and was most of a decision's cost.
+        s = steps_done
+        return sum(lists * (-(-(ctx + s) // bs) or 1) for _, _, ctx, _, _, lists in running)
+
+    held_total = held_by_running()
     # Context the running requests hold (decode steps read it): their stored contexts
     # plus one token each per step simulated.
-    ctx_total = sum(ctx for _, _, ctx, _, _ in running)
+    ctx_total = sum(entry[2] for entry in running)
 
     def growth() -> int:
         """Blocks the running requests will still take until their ``max_tokens``."""
         if not track_growth:
             return 0
         total = 0
-        for _, _, ctx, res, final in running:
+        for _, _, ctx, res, final, _ in running:
             remaining = max(final - cdiv(ctx + steps_done, kv.block_size), 0)
             total += blocks_needed(kv.groups, res, remaining)
         return total
@@ -206,8 +220,12 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
     for qi, req in enumerate(queue):
         is_new = qi == len(queue) - 1
         following = queue[qi + 1] if qi + 1 < len(queue) else None
+        needs_all = _blocks(req.prompt_tokens, kv, kv.groups)
         while True:
-            resident = _plan(req, free, growth(), host_free, kv, following)
+            if track_growth:
+                resident = _plan(req, free, growth(), host_free, kv, following)
+            else:  # _plan's stock rule (all groups once the prompt fits), in the hot loop
+                resident = kv.groups if needs_all <= free else None
             if resident is not None and len(running) < snap.max_num_seqs:
                 break
             if not running:
@@ -231,11 +249,11 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
             t += dt
             kv_wait_s += dt
             while running and running[0][0] <= steps_done:
-                _, _, ctx, res, _ = heapq.heappop(running)
+                _, _, ctx, res, _, _ = heapq.heappop(running)
                 ctx_total -= ctx
                 if res < kv.groups:
                     host_free += (kv.groups - res) * cdiv(ctx + steps_done, kv.block_size)
-            after = sum(held(ctx, res) for _, _, ctx, res, _ in running)
+            after = held_by_running()
             # Finished requests' blocks come back, minus what the others grew by.
             free = max(free + held_total - after, 0)
             held_total = after
@@ -272,12 +290,14 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
         if resident < kv.groups:
             host_free -= (kv.groups - resident) * cdiv(req.prompt_tokens, kv.block_size)
         seq += 1
-        # Its context now: the prompt, growing from the next step. ``held`` adds
-        # ``steps_done``, so store the context relative to it.
+        # Its context now: the prompt, growing from the next step. ``held_by_running``
+        # adds ``steps_done``, so store the context relative to it.
         ctx_total += req.prompt_tokens - steps_done
         heapq.heappush(
             running,
             (steps_done + max(req.remaining_tokens, 1), seq, req.prompt_tokens - steps_done,
-             resident, _final_blocks_per_group(req.prompt_tokens, req.max_tokens, kv)),
+             resident,
+             _final_blocks_per_group(req.prompt_tokens, req.max_tokens, kv) if track_growth else 0,
+             _lists(kv, resident)),
         )  # fmt: skip
     raise AssertionError("unreachable: the new request is the last in the queue")
