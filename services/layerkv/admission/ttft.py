@@ -182,8 +182,7 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
         ctx = r.prompt_tokens + r.output_tokens
         final = _final_blocks_per_group(r.prompt_tokens, r.max_tokens, kv) if track_growth else 0
         resident = kv.groups - min(r.offloaded_groups, kv.groups)
-        remaining = max(r.max_tokens - r.output_tokens, 1)
-        running.append((remaining, i, ctx, resident, final, _lists(kv, resident)))
+        running.append((max(r.remaining_tokens, 1), i, ctx, resident, final, _lists(kv, resident)))
     heapq.heapify(running)
     steps_done = 0  # decode steps simulated so far (shared by all running)
     queue = [*snap.waiting, RequestLoad(prompt_tokens, max_tokens, request_id="\0new")]
