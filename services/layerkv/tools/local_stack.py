@@ -92,6 +92,7 @@ def _spawn(
     log_dir: Path | None,
     env: dict | None = None,
     cpus: set[int] | None = None,
+    new_session: bool = True,
 ) -> Proc:
     log_path = None
     out = None
@@ -104,7 +105,7 @@ def _spawn(
         stdout=out,
         stderr=subprocess.STDOUT if out else None,
         env={**os.environ, **(env or {})},
-        start_new_session=True,  # Ctrl-C in a terminal reaches only the launcher
+        start_new_session=new_session,  # Ctrl-C in a terminal reaches only the launcher
         # Inherited by every process and thread it starts.
         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
@@ -199,7 +200,12 @@ def start_admission(
     metrics_port: int = 0,
     log_dir: Path | None = None,
     extra_args: list[str] | None = None,
+    new_session: bool = True,
 ) -> Proc:
+    """An admission process. ``new_session=False`` keeps it in the caller's session:
+    with the kernel's autogroup scheduling, processes of different sessions sharing a
+    core are arbitrated as groups, which a benchmark's client and this service sharing
+    one core should not measure (see ``bench/admission_bench.py``)."""
     argv = [
         sys.executable, "-m", "layerkv.admission",
         "--workers", ",".join(workers),
@@ -209,7 +215,7 @@ def start_admission(
         "--metrics-port", str(metrics_port),
         *(extra_args or []),
     ]  # fmt: skip
-    proc = _spawn(f"admission-{port}", argv, log_dir)
+    proc = _spawn(f"admission-{port}", argv, log_dir, new_session=new_session)
     proc.address = f"127.0.0.1:{port}"
     return proc
 
