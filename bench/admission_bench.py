@@ -310,9 +310,16 @@ def reduction_by_block(base: dict, adm: dict) -> list[float]:
 # -- phase 3: overhead --------------------------------------------------------------
 
 
-def decisions_per_second(seconds: float = 2.0) -> float:
+def decisions_per_second(seconds: float = 0.5, rounds: int = 6) -> float:
     """The per-request policy path on one core: predict on 2 workers (16 running, 4
-    waiting each, KV nearly full), choose, reject check, queue push, verdict, pop."""
+    waiting each, KV nearly full), choose, reject check, queue push, verdict, pop.
+    The best of ``rounds`` timed rounds: whatever else runs on the machine (the other
+    tenants of a VM) only ever slows a round down; one round of 2 s here read 4,902
+    where the same code had read 7,150 an hour before."""
+    return max(_decisions_per_second(seconds) for _ in range(rounds))
+
+
+def _decisions_per_second(seconds: float) -> float:
     rng = random.Random(1)
     lat = LatencyCoefficients(0.01, 4e-5, 1e-9, 0.01, 5e-4, 100)
 
