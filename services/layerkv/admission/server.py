@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import gc
 import json
 import logging
 import time
@@ -641,7 +640,7 @@ class AdmissionService:
         routed: _Routed | None,
         prompt_tokens: int,
         max_tokens: int,
-        admitted: Callable[[], admission_pb2.GenerateResponse],
+        admitted: Callable[[], admission_pb2.GenerateResponse] | None,
     ):
         """Stream ``worker_request`` from the routed worker, or else from the first
         worker that takes it (a worker that fails before streaming anything). The
@@ -658,14 +657,14 @@ class AdmissionService:
                 worker.dispatched(request_id, prompt_tokens, max_tokens)
             call = worker.stub.Generate(worker_request, timeout=timeout)
             measured.worker = worker.address
+            if admitted is not None:
+                # After the call is started: a yield waits for its write to finish, and
+                # the request to the worker should not wait behind it. (Waiting until
+                # the request was sent, ``call.wait_for_connection()``, measured 0.12 ms
+                # slower p50 over 1,500 requests.)
+                yield admitted()
+                admitted = None
             try:
-                if admitted is not None:
-                    # Once the request is on its way to the worker: written before, the
-                    # decision went out ahead of it and delayed every first token (p50
-                    # TTFT through admission 0.4 ms lower after, 300 requests each).
-                    await call.wait_for_connection()
-                    yield admitted()
-                    admitted = None
                 async for response in call:
                     if response.HasField("tokens"):
                         first = measured.tokens == 0
@@ -856,11 +855,6 @@ async def serve(settings: AdmissionSettings) -> None:
     service = build_service(settings)
     running = await start_server(service, settings.host, settings.port)
     serving.start_metrics_server(settings.metrics_port)
-    # What start-up allocated (modules, protobuf descriptors, the service) lives as long
-    # as the process: out of the collector's way, each collection scans only what
-    # requests allocate, and none lands on a request's path with the whole heap.
-    gc.collect()
-    gc.freeze()
     service.recorder.start()
     service.start()
     background = [asyncio.create_task(service.catalog.refresh_forever(settings.slo_refresh_s))]
