@@ -64,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         procs.append(worker)
         local_stack.wait_serving(worker, timeout_s=300)
+        # In this process's session, as the relay is (see admission_bench.py: a session
+        # of its own is scheduled apart, which costs a process sharing a core).
         admission = local_stack.start_admission(
             local_stack.free_port(), workers=[worker.address], redis_url=redis.extra["url"],
-            log_dir=log_dir,
+            log_dir=log_dir, new_session=False,
         )  # fmt: skip
         procs.append(admission)
         local_stack.wait_serving(admission, timeout_s=60)

@@ -644,7 +644,8 @@ class AdmissionService:
     ):
         """Stream ``worker_request`` from the routed worker, or else from the first
         worker that takes it (a worker that fails before streaming anything). The
-        ``admitted()`` decision goes to the client once a worker has the request."""
+        ``admitted()`` decision goes to the client once the first worker call is under
+        way."""
         timeout = context.time_remaining()
         tried: list[str] = []
         if routed is not None:
