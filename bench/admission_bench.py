@@ -683,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             # In this process's session, as the relay is: on the one core they share
             # with this client, a process in a session of its own is scheduled as a
-            # group of its own (the kernel's autogroup), and that alone added 0.26-0.55
+            # group of its own (the kernel's autogroup), and that alone added 0.26-0.59
             # ms p50 to a relay and to the admission service here (1,000 requests per
             # path, side by side), a cost of this 2-core bench and not of admission.
             one = admission_proc([workers[0]], new_session=False)
