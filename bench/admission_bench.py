@@ -25,8 +25,8 @@ memory) and the admission service as real processes on loopback, then:
    policy path: predict on every worker, choose, queue), and added per-request latency
    through admission vs the same worker directly (sequential small requests; client,
    admission and relay on the other worker's core, as pods with CPUs of their own),
-   next to what a bare gRPC relay adds (``grpc_relay.py``: the cost of the extra hop
-   alone).
+   next to what bare gRPC relays add (``grpc_relay.py``, grpc.aio and sync: the cost
+   of the extra hop alone), and the round trip of a dry-run decision (``Predict``).
 
 Writes bench/results/admission.json (summary fields + raw points), an SVG plot, and
 the admission's decision logs (worker state behind every prediction) under
@@ -348,20 +348,25 @@ def _decisions_per_second(seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
-def added_latency(worker_addr: str, admission_addr: str, relay_addr: str, requests: int) -> dict:
-    """Sequential 2-token requests to one worker three ways, interleaved in a shuffled
-    order each round (so none always follows another): directly, through admission
-    (routing to that worker only) and through a bare gRPC relay (``grpc_relay.py``:
-    what the extra hop alone costs here)."""
+def added_latency(
+    worker_addr: str, admission_addr: str, relay_addrs: dict[str, str], requests: int
+) -> dict:
+    """Sequential 2-token requests to one worker, interleaved in a shuffled order each
+    round (so none always follows another): directly, through admission (routing to
+    that worker only) and through bare gRPC relays (``grpc_relay.py``, by API: what the
+    extra hop alone costs here); and admission's dry-run ``Predict`` round trip (what
+    asking admission for a decision costs without passing the stream through it)."""
     ids = list(range(5, 45))
     with (
         grpc.insecure_channel(worker_addr) as wch,
         grpc.insecure_channel(admission_addr) as ach,
-        grpc.insecure_channel(relay_addr) as rch,
+        grpc.insecure_channel(relay_addrs["aio"]) as rch,
+        grpc.insecure_channel(relay_addrs["sync"]) as sch,
     ):
         direct = worker_pb2_grpc.WorkerStub(wch)
         via = admission_pb2_grpc.AdmissionStub(ach)
         relay = admission_pb2_grpc.AdmissionStub(rch)
+        relay_sync = admission_pb2_grpc.AdmissionStub(sch)
         paths = {
             "direct": lambda: direct.Generate(
                 worker_pb2.WorkerGenerateRequest(prompt_token_ids=ids, sampling=sampling(2))
@@ -372,14 +377,23 @@ def added_latency(worker_addr: str, admission_addr: str, relay_addr: str, reques
             "relay": lambda: relay.Generate(
                 admission_pb2.GenerateRequest(prompt_token_ids=ids, sampling=sampling(2))
             ),
+            "relay_sync": lambda: relay_sync.Generate(
+                admission_pb2.GenerateRequest(prompt_token_ids=ids, sampling=sampling(2))
+            ),
+            "decision": lambda: via.Predict(
+                admission_pb2.GenerateRequest(prompt_token_ids=ids, sampling=sampling(2))
+            ),
         }
 
         def ttft(start_call) -> float:
             # Timed from before the call starts: a sync stub sends the request when
             # called, so a clock started afterwards misses part of the latency.
             start = time.perf_counter()
+            answer = start_call()
+            if isinstance(answer, admission_pb2.Prediction):  # unary: its whole round trip
+                return time.perf_counter() - start
             first = None
-            for resp in start_call():
+            for resp in answer:
                 if first is None and resp.HasField("tokens"):
                     first = time.perf_counter()
             return first - start
@@ -403,8 +417,16 @@ def added_latency(worker_addr: str, admission_addr: str, relay_addr: str, reques
         "added_latency_p99_ms": added("admission", 99),
         "added_latency_relay_p50_ms": added("relay", 50),
         "added_latency_relay_p99_ms": added("relay", 99),
+        "added_latency_relay_sync_p50_ms": added("relay_sync", 50),
+        "added_latency_relay_sync_p99_ms": added("relay_sync", 99),
+        "decision_rpc_p50_ms": pct(samples["decision"], 50) * 1000,
+        "decision_rpc_p99_ms": pct(samples["decision"], 99) * 1000,
         "added_latency_requests_per_path": requests,
-        **{f"{name}_ttft_p50_ms": pct(v, 50) * 1000 for name, v in samples.items()},
+        **{
+            f"{name}_ttft_p50_ms": pct(v, 50) * 1000
+            for name, v in samples.items()
+            if name != "decision"
+        },
         "added_latency_samples_s": samples,
     }
 
@@ -687,17 +709,22 @@ def main(argv: list[str] | None = None) -> int:
             # ms p50 to a relay and to the admission service here (1,000 requests per
             # path, side by side), a cost of this 2-core bench and not of admission.
             one = admission_proc([workers[0]], new_session=False)
-            relay = grpc_relay.start(workers[0].address, relay_port := local_stack.free_port())
+            relays, relay_addrs = [], {}
             try:
+                for api in ("aio", "sync"):
+                    port = local_stack.free_port()
+                    relays.append(grpc_relay.start(workers[0].address, port, api))
+                    relay_addrs[api] = f"127.0.0.1:{port}"
                 lat = added_latency(
-                    workers[0].address, one.address, f"127.0.0.1:{relay_port}",
+                    workers[0].address, one.address, relay_addrs,
                     # 900: the engine's own TTFT varies by ~7 ms (interquartile) on
                     # the slower machines here, and a median of 300 moved by ~0.5 ms.
                     int(900 * args.scale),
                 )  # fmt: skip
             finally:
-                relay.terminate()
-                relay.wait(timeout=10)
+                for relay in relays:
+                    relay.terminate()
+                    relay.wait(timeout=10)
         finally:
             os.sched_setaffinity(0, own_cpus)
         result["added_latency_cpus"] = sorted(away)
@@ -705,7 +732,9 @@ def main(argv: list[str] | None = None) -> int:
         result.update(lat)
         print(
             f"  added p50 {lat['added_latency_p50_ms']:.2f} ms (bare relay "
-            f"{lat['added_latency_relay_p50_ms']:.2f} ms)",
+            f"{lat['added_latency_relay_p50_ms']:.2f} ms aio, "
+            f"{lat['added_latency_relay_sync_p50_ms']:.2f} ms sync; a Predict round trip "
+            f"{lat['decision_rpc_p50_ms']:.2f} ms)",
             flush=True,
         )
         result["raw"] = {
