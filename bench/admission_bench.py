@@ -48,16 +48,16 @@ from pathlib import Path
 import grpc
 import grpc_relay
 
-from layerkv.admission.queue import QueuedRequest, create_queue
-from layerkv.admission.routing import (
+from layerkv.policy.latency import LatencyCoefficients
+from layerkv.policy.queue import QueuedRequest, create_queue
+from layerkv.policy.routing import (
     ClassPolicy,
     MissPolicy,
     best_prediction,
     dispatch_verdict,
     should_reject,
 )
-from layerkv.admission.ttft import KvState, RequestLoad, WorkerSnapshot, predict_ttft
-from layerkv.common.latency_model import LatencyCoefficients
+from layerkv.policy.ttft import KvState, RequestLoad, WorkerSnapshot, predict_ttft
 from layerkv.tools import local_stack
 from layerkv.v1 import admission_pb2, admission_pb2_grpc, common_pb2, worker_pb2, worker_pb2_grpc
 

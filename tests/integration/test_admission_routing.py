@@ -15,11 +15,11 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from layerkv.admission.routing import ClassPolicy, MissPolicy
 from layerkv.admission.server import AdmissionSettings, build_service
 from layerkv.admission.server import start_server as start_admission_server
 from layerkv.common.slo import SloTarget
 from layerkv.common.store import MetricsStore
+from layerkv.policy.routing import ClassPolicy, MissPolicy
 from layerkv.tools import local_stack
 from layerkv.v1 import admission_pb2, admission_pb2_grpc, common_pb2, worker_pb2, worker_pb2_grpc
 

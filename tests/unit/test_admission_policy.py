@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from layerkv.admission.queue import (
+from layerkv.policy.queue import (
     EdfQueue,
     FifoQueue,
     QueuedRequest,
@@ -14,7 +14,7 @@ from layerkv.admission.queue import (
     QueuePolicy,
     create_queue,
 )
-from layerkv.admission.routing import (
+from layerkv.policy.routing import (
     MAX_RETRY_AFTER_S,
     ClassPolicy,
     MissPolicy,
@@ -24,7 +24,7 @@ from layerkv.admission.routing import (
     dispatch_verdict,
     should_reject,
 )
-from layerkv.admission.ttft import TtftPrediction
+from layerkv.policy.ttft import TtftPrediction
 
 
 def item(rid, deadline, *, priority=0, target=1.0, arrival=0.0, **kw) -> QueuedRequest:

@@ -11,8 +11,12 @@ import time
 import pytest
 
 from layerkv.admission.outcomes import OutcomeRecorder
-from layerkv.admission.queue import QueuedRequest
-from layerkv.admission.routing import (
+from layerkv.admission.server import AdmissionService, _Rejected, _Routed
+from layerkv.admission.slo_classes import SloCatalog
+from layerkv.admission.workers import WorkerPool
+from layerkv.common.slo import SloTarget
+from layerkv.policy.queue import QueuedRequest
+from layerkv.policy.routing import (
     ClassPolicy,
     MissPolicy,
     Verdict,
@@ -21,12 +25,8 @@ from layerkv.admission.routing import (
     route_verdict,
     worker_room,
 )
-from layerkv.admission.server import AdmissionService, _Rejected, _Routed
-from layerkv.admission.slo_classes import SloCatalog
-from layerkv.admission.ttft import TtftPrediction
-from layerkv.admission.workers import WorkerPool
-from layerkv.common.slo import SloTarget
 from layerkv.policy.slack import DecodeProgress
+from layerkv.policy.ttft import TtftPrediction
 from layerkv.v1 import admission_pb2, worker_pb2
 
 # Prefill 10 ms + 0.1 ms per token; decode step 10 ms.

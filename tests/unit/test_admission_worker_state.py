@@ -8,7 +8,7 @@ import time
 import pytest
 
 from layerkv.admission.workers import WorkerEndpoint, resolve
-from layerkv.common.latency_model import LatencyCoefficients
+from layerkv.policy.latency import LatencyCoefficients
 from layerkv.v1 import worker_pb2
 
 PRIOR = LatencyCoefficients()

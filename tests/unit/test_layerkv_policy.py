@@ -7,8 +7,8 @@ import random
 import pytest
 
 from layerkv.policy.host_ranges import HostRangeAllocator
+from layerkv.policy.latency import OnlineStepTimeModel, PrefillCoefficients
 from layerkv.policy.placement import layer_groups, offloaded_groups, resident_groups
-from layerkv.policy.prefill_model import OnlineStepTimeModel, PrefillCoefficients
 from layerkv.policy.settings import (
     LayerKVConfigError,
     LayerKVSettings,

@@ -8,14 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from layerkv.admission.ttft import KvState, RequestLoad, WorkerSnapshot, predict_ttft
-from layerkv.common.latency_model import (
+from layerkv.policy.latency import (
     ENGINE_FIT_MIN_SAMPLES,
     LatencyCoefficients,
     OnlineLatencyModel,
     least_squares_nonneg,
     reported_prefill_fit,
 )
+from layerkv.policy.ttft import KvState, RequestLoad, WorkerSnapshot, predict_ttft
 
 LAT = LatencyCoefficients(
     prefill_a_s=0.01, prefill_b_s=1e-4, prefill_c_s=0.0, decode_step_s=0.02

@@ -90,8 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def parse_classes(classes_spec: str, policy_spec: str):
     """``--slo-classes`` and ``--class-policy`` -> (targets, {name: policy}, default)."""
-    from layerkv.admission.routing import ClassPolicy, MissPolicy
     from layerkv.common.slo import SloTarget
+    from layerkv.policy.routing import ClassPolicy, MissPolicy
 
     classes = []
     for part in filter(None, (x.strip() for x in classes_spec.split(","))):

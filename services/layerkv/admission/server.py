@@ -26,8 +26,19 @@ from google.protobuf.json_format import MessageToDict
 from layerkv.admission import metrics
 from layerkv.admission.load_reports import LoadPublisher
 from layerkv.admission.outcomes import OutcomeRecorder
-from layerkv.admission.queue import QueuedRequest, QueueFull, create_queue
-from layerkv.admission.routing import (
+from layerkv.admission.slo_classes import SloCatalog
+from layerkv.admission.workers import WorkerEndpoint, WorkerPool
+from layerkv.common import serving
+from layerkv.common.requests import (
+    InvalidRequest,
+    check_prompt,
+    request_id_or_new,
+    sampling_from_proto,
+)
+from layerkv.common.slo import DEFAULT_CLASS, RequestOutcome, SloTarget
+from layerkv.common.store import MetricsStore
+from layerkv.policy.queue import QueuedRequest, QueueFull, create_queue
+from layerkv.policy.routing import (
     NO_LIMIT,
     START_NOW_S,
     ClassPolicy,
@@ -45,18 +56,7 @@ from layerkv.admission.routing import (
     should_reject,
     worker_room,
 )
-from layerkv.admission.slo_classes import SloCatalog
-from layerkv.admission.ttft import TtftPrediction, WorkerSnapshot, predict_ttft
-from layerkv.admission.workers import WorkerEndpoint, WorkerPool
-from layerkv.common import serving
-from layerkv.common.requests import (
-    InvalidRequest,
-    check_prompt,
-    request_id_or_new,
-    sampling_from_proto,
-)
-from layerkv.common.slo import DEFAULT_CLASS, RequestOutcome, SloTarget
-from layerkv.common.store import MetricsStore
+from layerkv.policy.ttft import TtftPrediction, WorkerSnapshot, predict_ttft
 from layerkv.v1 import admission_pb2, common_pb2, worker_pb2
 
 # Queued requests examined per dispatch pass (bounds its cost under a deep queue).

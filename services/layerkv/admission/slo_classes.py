@@ -9,9 +9,9 @@ import logging
 
 import redis
 
-from layerkv.admission.routing import ClassPolicy
 from layerkv.common.slo import SloTarget
 from layerkv.common.store import MetricsStore
+from layerkv.policy.routing import ClassPolicy
 
 log = logging.getLogger(__name__)
 

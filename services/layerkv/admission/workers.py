@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 import grpc
 
 from layerkv.admission import metrics
-from layerkv.admission.ttft import KvState, RequestLoad, WorkerSnapshot, cdiv
-from layerkv.common.latency_model import LatencyCoefficients
 from layerkv.common.serving import KEEPALIVE_CLIENT_OPTIONS
-from layerkv.policy.sizing import blocks_needed
+from layerkv.policy.latency import LatencyCoefficients
+from layerkv.policy.sizing import blocks_needed, cdiv
 from layerkv.policy.slack import DecodeProgress
+from layerkv.policy.ttft import KvState, RequestLoad, WorkerSnapshot
 from layerkv.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)

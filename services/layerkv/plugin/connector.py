@@ -43,7 +43,8 @@ from layerkv.plugin.kv_groups import LayerKVAttentionSpec, group_layer_indices, 
 from layerkv.plugin.plans import BlockCopy, PlanBook
 from layerkv.plugin.stats import LayerKVConnectorStats, make_stats
 from layerkv.policy.host_ranges import HostRangeAllocator
-from layerkv.policy.settings import LayerKVConfigError, ModelGeometry, cdiv, resolve
+from layerkv.policy.settings import LayerKVConfigError, ModelGeometry, resolve
+from layerkv.policy.sizing import cdiv
 
 
 @dataclass(frozen=True)

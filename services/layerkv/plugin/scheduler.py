@@ -18,10 +18,11 @@ from typing import Any
 from layerkv.plugin import vllm_adapter as va
 from layerkv.plugin.connector import LayerKVConnector
 from layerkv.plugin.plans import BlockCopy
-from layerkv.policy.prefill_model import OnlineStepTimeModel, PrefillCoefficients
-from layerkv.policy.settings import LayerKVConfigError, cdiv
+from layerkv.policy.latency import OnlineStepTimeModel, PrefillCoefficients
+from layerkv.policy.settings import LayerKVConfigError
 from layerkv.policy.sizing import (
     blocks_needed,
+    cdiv,
     max_resident_groups,
     promotion_target,
     residency_leaving_room,

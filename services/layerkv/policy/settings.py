@@ -5,13 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from layerkv.policy.sizing import cdiv
+
 
 class LayerKVConfigError(ValueError):
     """A LayerKV setting cannot work with this model or engine configuration."""
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass(frozen=True)

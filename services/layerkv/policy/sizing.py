@@ -9,6 +9,11 @@ layers take turns: load from host, attend, save new KV back). So it needs
 from __future__ import annotations
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division: blocks of ``b`` tokens that hold ``a`` tokens."""
+    return -(-a // b)
+
+
 def blocks_needed(num_groups: int, num_resident: int, blocks_per_group: int) -> int:
     """Device blocks a request with ``num_resident`` resident groups holds."""
     lists = num_groups if num_resident >= num_groups else num_resident + 1

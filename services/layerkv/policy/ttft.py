@@ -25,12 +25,8 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from layerkv.common.latency_model import LatencyCoefficients
-from layerkv.policy.sizing import blocks_needed, max_resident_groups, residency_leaving_room
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from layerkv.policy.latency import LatencyCoefficients
+from layerkv.policy.sizing import blocks_needed, cdiv, max_resident_groups, residency_leaving_room
 
 
 @dataclass(frozen=True)
