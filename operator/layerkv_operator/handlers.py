@@ -2,7 +2,7 @@
 
 * create / update / resume: publish the SLO targets to Redis (admission reads them).
 * timer: read the window and worker load from Redis, decide the replica count
-  (:func:`layerkv_operator.scaling.decide`), scale the worker Deployment, write status.
+  (:func:`layerkv.policy.scaling.decide`), scale the worker Deployment, write status.
 * delete: remove the class's keys from Redis (a finalizer holds the object until then).
 
 Handlers are plain functions: Kopf runs them in its thread pool, where the blocking
@@ -20,10 +20,10 @@ import redis
 
 from layerkv.common.load import summarize_pool
 from layerkv.common.store import MetricsStore
+from layerkv.policy.scaling import Action, Observation, decide
 from layerkv_operator import metrics
 from layerkv_operator.config import OperatorConfig
 from layerkv_operator.kube import DeploymentScaler, api_client
-from layerkv_operator.scaling import Action, Observation, decide
 from layerkv_operator.spec import GROUP, PLURAL, VERSION, InvalidSpec, parse_spec
 from layerkv_operator.status import evaluated_status, not_ready_status, state_from_status
 
@@ -185,7 +185,7 @@ def evaluate(
         scaler.scale(namespace, slo.worker_deployment, decision.replicas)
         scaled = True
         # INFO from a handler is also posted as a Kubernetes Event on the ServingSLO.
-        logger.info(decision.message)
+        logger.info(f"{decision.message} (rule {decision.rule})")
     patch.status.update(
         evaluated_status(
             old_status=status,

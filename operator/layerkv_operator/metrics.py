@@ -7,7 +7,7 @@ import contextlib
 
 from prometheus_client import Counter, Gauge
 
-from layerkv_operator.scaling import Decision
+from layerkv.policy.scaling import Decision
 
 DECISIONS = Counter(
     "layerkv_operator_decisions_total",

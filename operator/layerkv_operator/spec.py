@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from layerkv.common.slo import SloTarget, valid_class_name
-from layerkv_operator.scaling import ScalingPolicy
+from layerkv.policy.scaling import ScalingPolicy
 
 GROUP = "layerkv.io"
 VERSION = "v1alpha1"

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from layerkv_operator.scaling import Action, Decision, Reason, ScalingState
+from layerkv.policy.scaling import Action, Decision, Reason, ScalingState
 
 CONDITION_TYPES = ("Ready", "MetricsAvailable", "Scaling", "AtMaxReplicas")
 
@@ -138,6 +138,7 @@ def evaluated_status(
             "action": decision.action.value,
             "reason": decision.reason.value,
             "message": decision.message,
+            "rule": decision.rule,
         },
         "lastEvaluationTime": to_rfc3339(now),
         "lastScaleTime": to_rfc3339(last_scale),

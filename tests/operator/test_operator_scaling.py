@@ -124,6 +124,7 @@ async def test_publishes_targets_and_scales_up_on_violations_within_max(
     assert condition(body, "MetricsAvailable")["status"] == "True"
     assert condition(body, "Ready")["status"] == "True"
     assert status["lastScaleUpTime"]
+    assert status["lastDecision"]["rule"] == "rule_over_budget"
     # The same decision on the operator's Prometheus metrics.
     labels = {"servingslo": f"{ns}/up"}
     assert REGISTRY.get_sample_value("layerkv_operator_desired_replicas", labels) == 3
@@ -219,6 +220,7 @@ async def test_offload_absorbing_pressure_is_no_reason_to_scale_up(
         )
     body = await decided(emulator, ns, "cause", "OffloadAbsorbing")
     assert "offload is absorbing" in body["status"]["lastDecision"]["message"]
+    assert body["status"]["lastDecision"]["rule"] == "rule_offload_absorbing"
     assert replica_history(emulator, ns, "w") == [2]
 
 

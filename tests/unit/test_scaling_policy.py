@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from layerkv.common.load import PoolLoad, WorkerLoadReport, summarize_pool
 from layerkv.common.slo import LATENCY_BUCKETS_S, WindowStats, histogram_index
-from layerkv_operator.scaling import (
+from layerkv.policy.scaling import (
     Action,
     Observation,
     Reason,

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from layerkv.plugin.vllm_version import SUPPORTED_VLLM_VERSION, is_supported
 from layerkv.policy.settings import LayerKVConfigError, LayerKVSettings
-
-# Kept equal to vllm_adapter.SUPPORTED_VLLM_VERSION (the adapter imports vLLM internals,
-# so it is not imported just to read the version).
-SUPPORTED_VLLM_VERSION = "0.32.0"
 
 if TYPE_CHECKING:
     from layerkv.plugin.stats import LayerKVStats
 
 __all__ = [
+    "SUPPORTED_VLLM_VERSION",
     "LayerKVConfigError",
     "LayerKVSettings",
     "LayerKVStats",
@@ -33,9 +31,10 @@ __all__ = [
 def register() -> None:
     import vllm
 
-    # On another vLLM version stay out of the way: stock engines must still run there,
-    # and a LayerKV engine fails in engine_overrides() with the version message.
-    if vllm.__version__.split("+", 1)[0] != SUPPORTED_VLLM_VERSION:
+    # On another vLLM version stay out of the way: other vLLM engines in this
+    # environment must still run there (LayerKV's own worker refuses to start, with the
+    # version message, when it imports the adapter).
+    if not is_supported(vllm.__version__):
         return
     from layerkv.plugin import vllm_adapter
     from layerkv.plugin.kv_groups import split_groups

@@ -161,6 +161,7 @@ class LayerKVConnector(va.KVConnectorBase_V1, va.SupportsHMA):
 
     def build_connector_meta(self, scheduler_output) -> LayerKVMetadata:
         meta = LayerKVMetadata()
+        kv_cache_manager = va.connector_kv_cache_manager(self)
         computed: dict[str, int] = {
             r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs
         }
@@ -170,7 +171,7 @@ class LayerKVConnector(va.KVConnectorBase_V1, va.SupportsHMA):
             plan = self.book.get(req_id)
             if plan is None or not plan.offloaded:
                 continue
-            staging = self._kv_cache_manager.get_block_ids(req_id)[plan.staging_owner]
+            staging = kv_cache_manager.get_block_ids(req_id)[plan.staging_owner]
             num_computed = computed[req_id]
             assert cdiv(num_computed + num_new, self.block_size) <= plan.host_blocks, (
                 f"request {req_id} outgrew its host range"
@@ -204,8 +205,9 @@ class LayerKVConnector(va.KVConnectorBase_V1, va.SupportsHMA):
         return False, None
 
     def get_kv_connector_stats(self):
-        if self._role != va.KVConnectorRole.SCHEDULER:
+        if va.connector_role(self) != va.KVConnectorRole.SCHEDULER:
             return self._worker_stats()
+        kv_cache_manager = va.connector_kv_cache_manager(self)
         offloading = [p for p in self.book.plans.values() if p.offloaded]
         staging = 0
         for req_id, plan in self.book.plans.items():
@@ -218,8 +220,8 @@ class LayerKVConnector(va.KVConnectorBase_V1, va.SupportsHMA):
             "staging_blocks": staging,
             "host_blocks_used": self.book.host.num_blocks - self.book.host.num_free,
             "host_blocks_total": self.book.host.num_blocks,
-            "device_blocks_free": va.num_free_blocks(self._kv_cache_manager),
-            "device_blocks_total": va.num_total_blocks(self._kv_cache_manager),
+            "device_blocks_free": va.num_free_blocks(kv_cache_manager),
+            "device_blocks_total": va.num_total_blocks(kv_cache_manager),
             # Per request, so that admission counts the blocks each one really holds.
             "offloaded_groups_by_request": {
                 va.external_request_id(rid): len(p.offloaded)

@@ -19,14 +19,17 @@ from layerkv.plugin import vllm_adapter as va
 from layerkv.plugin.connector import LayerKVConnector
 from layerkv.plugin.plans import BlockCopy
 from layerkv.policy.latency import OnlineStepTimeModel, PrefillCoefficients
-from layerkv.policy.settings import LayerKVConfigError
-from layerkv.policy.sizing import (
-    blocks_needed,
-    cdiv,
-    max_resident_groups,
-    promotion_target,
-    residency_leaving_room,
+from layerkv.policy.residency import (
+    KvLayout,
+    KvRoom,
+    Placement,
+    ResidencyPlan,
+    final_blocks_per_group,
+    growth_blocks,
+    plan_residency,
 )
+from layerkv.policy.settings import LayerKVConfigError
+from layerkv.policy.sizing import blocks_needed, cdiv, promotion_target
 from layerkv.policy.slack import DecodeProgress, admit_early, min_slack
 
 SLO_KEY = "layerkv"
@@ -40,7 +43,7 @@ def request_slo(request: Any) -> dict[str, float]:
     return dict(extra.get(SLO_KEY) or {})
 
 
-class LayerKVScheduler(va.Scheduler):
+class LayerKVScheduler(va.HookedScheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.connector, LayerKVConnector):
@@ -53,6 +56,13 @@ class LayerKVScheduler(va.Scheduler):
         self.settings = self.lkv.settings
         self.num_groups = len(self.lkv.group_layers)
         self.kv_block_size = self.lkv.block_size
+        self.layout = KvLayout(
+            self.num_groups,
+            self.kv_block_size,
+            min_resident_groups=self.settings.min_resident_groups,
+            reserve_requests=self.settings.reserve_requests,
+            max_model_len=self.max_model_len,
+        )
         s = self.settings
         self.step_model = OnlineStepTimeModel(
             PrefillCoefficients(s.prefill_a_s, s.prefill_b_s, s.prefill_c_s), s.decode_step_s
@@ -60,8 +70,9 @@ class LayerKVScheduler(va.Scheduler):
         self.first_token_s: dict[str, float] = {}
         self._inserted_prefill_s = 0.0
         self._step: tuple[float, int, int, bool] | None = None
-        self._allocate_slots = self.kv_cache_manager.allocate_slots
-        self.kv_cache_manager.allocate_slots = self._allocate_or_offload
+        self._allocate_slots = va.intercept_allocate_slots(
+            self.kv_cache_manager, self._allocate_or_offload
+        )
         self.lkv.scheduler_gauges = self._gauges
         self._decision_log = open(s.decision_log, "a") if s.decision_log else None  # noqa: SIM115
 
@@ -70,65 +81,75 @@ class LayerKVScheduler(va.Scheduler):
     def _allocate_or_offload(self, request, num_new_tokens, *args, **kwargs):
         if not va.is_fresh_admission(request):
             return self._allocate_slots(request, num_new_tokens, *args, **kwargs)
-        plan = self.book.get(request.request_id)
-        if plan is None or not plan.restore_tokens:
+        book_plan = self.book.get(request.request_id)
+        # A request being restored (promotion) keeps its host range and its new plan.
+        restoring = book_plan is not None and bool(book_plan.restore_tokens)
+        if not restoring:
             self.book.set_all_resident(request.request_id)
-            # Taking every group for this request would leave the next waiting one
-            # stuck behind it: offload some of this one's groups instead.
-            cap = self._residency_leaving_room(request, kwargs)
-            if cap is not None:
-                blocks = self._admit_with_offload(request, num_new_tokens, args, kwargs, cap)
-                if blocks is not None:
-                    return blocks
+        plan = self._plan(request, kwargs, restoring)
+        if plan is not None and plan.placement is Placement.LEAVES_ROOM:
+            blocks = self._admit_offloaded(request, plan, num_new_tokens, args, kwargs)
+            if blocks is not None:
+                return blocks
         blocks = self._allocate_slots(request, num_new_tokens, *args, **kwargs)
         if blocks is not None:
             self._log_decision(request, "admitted_all_resident")
             return blocks
-        return self._admit_with_offload(request, num_new_tokens, args, kwargs)
+        if plan is not None and plan.placement is Placement.LEAVES_ROOM:
+            return None  # counted and logged by _admit_offloaded
+        if plan is None or plan.placement is Placement.ALL_RESIDENT:
+            # vLLM refused the allocation the plan counted as fitting: plan without it.
+            plan = self._plan(request, kwargs, restoring, fits_fully=False)
+        if plan is None:
+            self.lkv.counters["deferred_no_memory"] += 1
+            self._log_decision(request, "deferred_no_memory")
+            return None
+        return self._admit_offloaded(request, plan, num_new_tokens, args, kwargs)
 
-    def _free_for_admission(self, kwargs, reserve_growth: bool = True) -> int:
-        """Free blocks an admission may use: less vLLM's watermark and, for LayerKV's
-        own decisions, less the blocks running requests will still take as they decode
-        to their ``max_tokens`` (admitting into those would end in a recompute
-        preemption of someone later)."""
+    def _plan(
+        self, request, kwargs, restoring: bool, fits_fully: bool | None = None
+    ) -> ResidencyPlan | None:
+        """The shared residency rule (``policy/residency.py``) on this engine's state:
+        free blocks less vLLM's watermark, the blocks running requests will still
+        decode into, the host range and staging cap, and the next waiting request."""
         free = va.num_free_blocks(self.kv_cache_manager)
         if kwargs.get("has_scheduled_reqs"):
             free -= va.watermark_blocks(self.kv_cache_manager)
-        return free - self._pending_growth() if reserve_growth else free
+        room = KvRoom(
+            free,
+            self._pending_growth(),
+            None if restoring else self.book.host.largest_free,
+            self._staging_free(),
+        )
+        following = None if restoring else next((r for r in self.waiting if r is not request), None)
+        return plan_residency(
+            self.layout,
+            min(request.num_tokens, self.max_model_len),
+            request.num_prompt_tokens + request.max_tokens,
+            room,
+            following_total_tokens=(
+                following.num_prompt_tokens + following.max_tokens if following else None
+            ),
+            reserve_requests=0 if restoring else None,
+            fits_fully=fits_fully,
+        )
 
     def _pending_growth(self) -> int:
         growth = 0
         for request in self.running:
             plan = self.book.get(request.request_id)
-            lists = blocks_needed(
-                self.num_groups, len(plan.resident) if plan else self.num_groups, 1
+            growth += growth_blocks(
+                self.layout,
+                len(plan.resident) if plan else self.num_groups,
+                self._blocks_per_group(request),
+                request.num_tokens,
             )
-            held = cdiv(request.num_tokens, self.kv_block_size)
-            growth += lists * max(0, self._blocks_per_group(request) - held)
         return growth
 
     def _blocks_per_group(self, request) -> int:
-        """Blocks per group the request will hold at its end. Early admission plans for
-        the whole output, not just the prompt: a pool filled to the brim by early
-        admissions would force vLLM to preempt (and recompute) at every block boundary."""
-        total = request.num_prompt_tokens + request.max_tokens
-        return cdiv(min(total, self.max_model_len), self.kv_block_size)
-
-    def _residency_leaving_room(self, request, kwargs) -> int | None:
-        """Residency cap keeping room for the next waiting request, and for
-        ``reserve_requests`` more (sized like this one) that may arrive meanwhile."""
-        following = next((r for r in self.waiting if r is not request), None)
-        reserve = self.settings.reserve_requests
-        if following is None and reserve == 0:
-            return None
-        return residency_leaving_room(
-            self._free_for_admission(kwargs),
-            self.num_groups,
-            self._blocks_per_group(request),
-            self._blocks_per_group(following or request),
-            self.settings.min_resident_groups,
-            next_requests=max(reserve, 1 if following is not None else 0),
-        )
+        """Blocks per group the request will hold at its end (the plan sizes early
+        admissions for the whole output)."""
+        return final_blocks_per_group(self.layout, request.num_prompt_tokens + request.max_tokens)
 
     def _log_decision(self, request, outcome: str, **fields: Any) -> None:
         if self._decision_log is None:
@@ -147,30 +168,21 @@ class LayerKVScheduler(va.Scheduler):
         self._decision_log.write(json.dumps(record) + "\n")
         self._decision_log.flush()
 
-    def _admit_with_offload(self, request, num_new_tokens, args, kwargs, cap=None):
+    def _admit_offloaded(self, request, plan: ResidencyPlan, num_new_tokens, args, kwargs):
+        """Admit ``request`` with ``plan``'s resident groups, the rest offloaded: an
+        early admission (its prompt does not fit with every group) only while the
+        running requests' TPOT slack covers its predicted prefill."""
         rid = request.request_id
         counters = self.lkv.counters
         tokens = min(request.num_tokens, self.max_model_len)
-        per_group = self._blocks_per_group(request)
-        num_resident = max_resident_groups(
-            self._free_for_admission(kwargs),
-            self.num_groups,
-            per_group,
-            self.settings.min_resident_groups,
-        )
-        if num_resident is None or not self._staging_fits(per_group):
-            counters["deferred_no_memory"] += 1
-            self._log_decision(request, "deferred_no_memory", cap=cap)
-            return None
-        if cap is not None:
-            num_resident = min(num_resident, cap)
-        plan = self.book.get(rid)
-        restore = plan.restore_tokens if plan is not None else 0
+        cap = plan.resident_groups if plan.placement is Placement.LEAVES_ROOM else None
+        book_plan = self.book.get(rid)
+        restore = book_plan.restore_tokens if book_plan is not None else 0
         predicted = self.step_model.predict_prefill_s(max(tokens - restore, 1))
         # A request stock vLLM would admit now (its prompt fits with every group) is
         # offloaded only to keep room: that is not an early admission, and the TPOT
         # gate does not apply (refusing would just admit it with every group).
-        early = cap is None or not self._fits_fully(request, kwargs)
+        early = not plan.fits_fully
         if self.settings.slo_aware and early:
             slack = min_slack(
                 (self._progress(r) for r in self.running),
@@ -187,11 +199,8 @@ class LayerKVScheduler(va.Scheduler):
                     inserted_s=self._inserted_prefill_s,
                 )
                 return None
-        host_blocks = cdiv(
-            min(request.num_prompt_tokens + request.max_tokens, self.max_model_len),
-            self.kv_block_size,
-        )
-        if not self.book.offload(rid, num_resident, host_blocks):
+        num_resident = plan.resident_groups
+        if not self.book.offload(rid, num_resident, self._blocks_per_group(request)):
             counters["deferred_no_memory"] += 1
             return None
         blocks = self._allocate_slots(request, num_new_tokens, *args, **kwargs)
@@ -199,10 +208,11 @@ class LayerKVScheduler(va.Scheduler):
             self.book.set_all_resident(rid)
             counters["deferred_no_memory"] += 1
             return None
-        counters["admitted_early" if early else "admitted_offloaded_for_room"] += 1
+        outcome = "admitted_early" if early else "admitted_offloaded_for_room"
+        counters[outcome] += 1
         self._log_decision(
             request,
-            "admitted_early" if early else "admitted_offloaded_for_room",
+            outcome,
             resident_groups=num_resident,
             cap=cap,
             predicted_s=predicted,
@@ -211,21 +221,17 @@ class LayerKVScheduler(va.Scheduler):
         self._inserted_prefill_s += predicted
         return blocks
 
-    def _fits_fully(self, request, kwargs) -> bool:
-        prompt_blocks = cdiv(min(request.num_tokens, self.max_model_len), self.kv_block_size)
-        need = blocks_needed(self.num_groups, self.num_groups, prompt_blocks)
-        return need <= self._free_for_admission(kwargs, reserve_growth=False)
-
-    def _staging_fits(self, per_group: int) -> bool:
+    def _staging_free(self) -> int | None:
+        """Staging blocks the cap leaves for one more offloaded request (None: no cap)."""
         cap = self.settings.max_staging_blocks
         if cap is None:
-            return True
+            return None
         in_use = sum(
             len(self.book.managers[p.staging_owner].req_to_blocks.get(rid, ()))
             for rid, p in self.book.plans.items()
             if p.offloaded
         )
-        return in_use + per_group <= cap
+        return cap - in_use
 
     def _progress(self, request) -> DecodeProgress:
         tpot = request_slo(request).get("tpot_s", self.settings.default_tpot_s)
@@ -295,9 +301,11 @@ class LayerKVScheduler(va.Scheduler):
             promoted += 1
             self._log_decision(request, "promoted", resident_groups=target)
 
-    def _preempt_request(self, request, timestamp, drop_stale_output: bool = False) -> None:
-        plan = self.book.get(request.request_id)
-        super()._preempt_request(request, timestamp, drop_stale_output)
+    def before_preempt(self, request):
+        # The plan as it was before vLLM's preemption says what the preemption is.
+        return self.book.get(request.request_id)
+
+    def after_preempt(self, request, plan) -> None:
         if plan is not None and not plan.promoting:
             # Ordinary (recompute) preemption: the request starts over with a new plan.
             self.book.release(request.request_id)
@@ -340,9 +348,8 @@ class LayerKVScheduler(va.Scheduler):
                 self.first_token_s[rid] = now
         return outputs
 
-    def _free_request(self, request, *args, **kwargs):
+    def on_free(self, request) -> None:
         self.first_token_s.pop(request.request_id, None)
-        return super()._free_request(request, *args, **kwargs)
 
     def _gauges(self) -> dict[str, float]:
         coef = self.step_model.coefficients

@@ -23,6 +23,11 @@ class HostRangeAllocator:
     def num_free(self) -> int:
         return sum(length for _, length in self._free)
 
+    @property
+    def largest_free(self) -> int:
+        """The longest range :meth:`allocate` can hand out now."""
+        return max((length for _, length in self._free), default=0)
+
     def allocate(self, length: int) -> int | None:
         """Start of a free range of ``length`` blocks, or None if none is large enough."""
         if length <= 0:

@@ -19,9 +19,7 @@ class LayerKVSettings:
     # Groups a request always keeps resident (device blocks for every token). 0 lets
     # a request under pressure hold just its staging list (one layer's worth of
     # blocks), the most concurrency a KV cap allows; every layer is then fetched at
-    # every step. Measured on the 2-core CPU bench (bench/layerkv_bench.py, heaviest
-    # point): 0 cut mean TTFT ~2x against 1, at ~2x the TPOT (the TPOT SLO gate
-    # bounds that).
+    # every step (docs/decisions/0005-layerkv-defaults.md).
     min_resident_groups: int = 0
     # Cap on device blocks used as staging by all offloaded requests together
     # (None: bounded only by the KV pool). Must hold one max_model_len request.

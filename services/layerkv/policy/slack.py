@@ -74,8 +74,7 @@ def protected_slack(
     step with it alone): it can still make it if nothing else stalls it, so it is
     protected with no room at all (0). Given up at today's step instead, a request
     that the guard's own prefills had left a few milliseconds short was taken for
-    lost and had more prefills sent over it (violations 0.424 -> 0.321, round-robin
-    0.511, and 0.531 -> 0.373, round-robin 0.399: two local A-B-B-A runs at 2.4 x)."""
+    lost and had more prefills sent over it (docs/decisions/0001-tpot-guard.md)."""
     if missed_ttft(progress):
         return math.inf
     slack = tpot_slack(progress, now_s, decode_step_s)

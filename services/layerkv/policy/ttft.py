@@ -12,21 +12,27 @@ until *running* requests finish and free their blocks. We get it by replaying th
 engine's scheduler forward in time on the worker's reported state: waiting requests
 start in FIFO order as soon as their blocks fit (vLLM's head-of-line rule), running
 requests each free their blocks after their remaining tokens at the fitted decode
-speed. With LayerKV on the worker, a request that does not fit with all its layers
-may start with only some KV groups resident (the rest in host memory), so it waits
-only for the blocks of its resident groups (``policy/sizing.py``'s rule:
-``(resident + 1)`` block lists). The LayerKV engine sizes those decisions for each
-request's whole output and keeps back the blocks running requests will still grow
-into (``plugin/scheduler.py``: ``_free_for_admission``); the replay does the same.
+speed. Which requests start, and with how many KV groups resident on a LayerKV
+worker, is the engine scheduler's own rule, called here
+(:func:`~layerkv.policy.residency.plan_residency`).
 """
 
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from functools import cached_property
 
 from layerkv.policy.latency import LatencyCoefficients
-from layerkv.policy.sizing import blocks_needed, cdiv, max_resident_groups, residency_leaving_room
+from layerkv.policy.residency import (
+    KvLayout,
+    KvRoom,
+    final_blocks_per_group,
+    growth_blocks,
+    held_blocks,
+    plan_residency,
+)
+from layerkv.policy.sizing import blocks_needed
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,17 @@ class KvState:
     # The engine's longest prompt + output (0: unknown); caps LayerKV's output sizing.
     max_model_len: int = 0
 
+    @cached_property
+    def layout(self) -> KvLayout:
+        return KvLayout(
+            self.groups,
+            self.block_size,
+            offload=self.layerkv,
+            min_resident_groups=self.min_resident_groups,
+            reserve_requests=self.reserve_requests,
+            max_model_len=self.max_model_len,
+        )
+
 
 @dataclass(frozen=True)
 class WorkerSnapshot:
@@ -100,65 +117,25 @@ class TtftPrediction:
         return self.queue_s + self.kv_wait_s
 
 
-def _blocks(tokens: int, kv: KvState, resident: int) -> int:
-    per_group = cdiv(max(tokens, 1), kv.block_size)
-    return blocks_needed(kv.groups, resident, per_group)
-
-
-def _lists(kv: KvState, resident: int) -> int:
-    """Block lists a request with ``resident`` groups holds (blocks = lists x blocks
-    per group)."""
-    return blocks_needed(kv.groups, resident, 1)
-
-
-def _final_blocks_per_group(prompt_tokens: int, max_tokens: int, kv: KvState) -> int:
-    """Blocks per group a request holds at its end: what LayerKV admission plans for."""
-    total = prompt_tokens + max(max_tokens, 1)
-    if kv.max_model_len:
-        total = min(total, kv.max_model_len)
-    return cdiv(total, kv.block_size)
-
-
 def _plan(
     req: RequestLoad, free: int, growth: int, host_free: int, kv: KvState,
     following: RequestLoad | None = None,
 ) -> int | None:  # fmt: skip
     """Resident groups ``req`` starts with given ``free`` blocks, or None when it must
-    wait. Stock vLLM: all groups if its prompt fits. LayerKV (the engine scheduler's
-    rule, ``policy/sizing.py``, shared): first, with ``growth`` blocks kept back for
-    the running requests' remaining output, the most groups that leave room for the
-    next waiting request (``following``) and ``reserve_requests`` more, each sized
-    for its whole output; failing that, all groups if the prompt fits; failing that,
-    the most groups that fit (at least ``min_resident_groups``), if host memory
-    takes the rest."""
-    layerkv = kv.layerkv and kv.groups > 1
-    all_fit = _blocks(req.prompt_tokens, kv, kv.groups) <= free
-    if not layerkv:
-        return kv.groups if all_fit else None
-    per_group = _final_blocks_per_group(req.prompt_tokens, req.max_tokens, kv)
-    room = free - growth
+    wait: the engine scheduler's own rule (:func:`~layerkv.policy.residency.plan_residency`)."""
+    plan = plan_residency(
+        kv.layout,
+        req.prompt_tokens,
+        _total_tokens(req),
+        KvRoom(free, growth, host_free),
+        following_total_tokens=_total_tokens(following) if following is not None else None,
+    )
+    return None if plan is None else plan.resident_groups
 
-    def most_that_fit() -> int | None:
-        best = max_resident_groups(room, kv.groups, per_group, kv.min_resident_groups)
-        if best is None or (kv.groups - best) * per_group > host_free:
-            return None
-        return best
 
-    reserve = max(kv.reserve_requests, 1 if following is not None else 0)
-    if reserve:
-        nxt = following or req
-        cap = residency_leaving_room(
-            room, kv.groups, per_group,
-            _final_blocks_per_group(nxt.prompt_tokens, nxt.max_tokens, kv),
-            kv.min_resident_groups, reserve,
-        )  # fmt: skip
-        if cap is not None:
-            best = most_that_fit()
-            if best is not None:
-                return min(best, cap)
-    if all_fit:
-        return kv.groups
-    return most_that_fit()
+def _total_tokens(req: RequestLoad) -> int:
+    """Its tokens at the end: what LayerKV admission sizes it for."""
+    return req.prompt_tokens + max(req.max_tokens, 1)
 
 
 def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) -> TtftPrediction:
@@ -172,13 +149,15 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
     # blocks per group at their end, block lists held: see sizing.blocks_needed).
     # Blocks held are derived from the context, so decode growth is accounted for.
     # Their final blocks matter only to LayerKV's sizing (``growth``).
-    track_growth = kv.layerkv and kv.groups > 1
+    layout = kv.layout
+    track_growth = layout.layerkv
     running: list[tuple[int, int, int, int, int, int]] = []
     for i, r in enumerate(snap.running):
         ctx = r.prompt_tokens + r.output_tokens
-        final = _final_blocks_per_group(r.prompt_tokens, r.max_tokens, kv) if track_growth else 0
+        final = final_blocks_per_group(layout, _total_tokens(r)) if track_growth else 0
         resident = kv.groups - min(r.offloaded_groups, kv.groups)
-        running.append((max(r.remaining_tokens, 1), i, ctx, resident, final, _lists(kv, resident)))
+        lists = blocks_needed(kv.groups, resident, 1)
+        running.append((max(r.remaining_tokens, 1), i, ctx, resident, final, lists))
     heapq.heapify(running)
     steps_done = 0  # decode steps simulated so far (shared by all running)
     queue = [*snap.waiting, RequestLoad(prompt_tokens, max_tokens, request_id="\0new")]
@@ -191,9 +170,8 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
     bs = kv.block_size
 
     def held_by_running() -> int:
-        # _blocks(ctx + steps_done, kv, resident) of each, inlined (``or 1``: at least
-        # one block, as _blocks): this sum runs after every request the replay
-        # finishes and was most of a decision's cost.
+        # held_blocks(layout, resident, ctx + steps_done) of each, inlined: this sum
+        # runs after every request the replay finishes, the hot part of a decision.
         s = steps_done
         return sum(lists * (-(-(ctx + s) // bs) or 1) for _, _, ctx, _, _, lists in running)
 
@@ -206,20 +184,17 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
         """Blocks the running requests will still take until their ``max_tokens``."""
         if not track_growth:
             return 0
-        total = 0
-        for _, _, ctx, res, final, _ in running:
-            remaining = max(final - cdiv(ctx + steps_done, kv.block_size), 0)
-            total += blocks_needed(kv.groups, res, remaining)
-        return total
+        s = steps_done
+        return sum(growth_blocks(layout, r, final, ctx + s) for _, _, ctx, r, final, _ in running)
 
     for qi, req in enumerate(queue):
         is_new = qi == len(queue) - 1
         following = queue[qi + 1] if qi + 1 < len(queue) else None
-        needs_all = _blocks(req.prompt_tokens, kv, kv.groups)
+        needs_all = held_blocks(layout, kv.groups, req.prompt_tokens)
         while True:
             if track_growth:
                 resident = _plan(req, free, growth(), host_free, kv, following)
-            else:  # _plan's stock rule (all groups once the prompt fits), in the hot loop
+            else:  # plan_residency's stock rule (all groups once they fit), in the hot loop
                 resident = kv.groups if needs_all <= free else None
             if resident is not None and len(running) < snap.max_num_seqs:
                 break
@@ -244,10 +219,10 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
             t += dt
             kv_wait_s += dt
             while running and running[0][0] <= steps_done:
-                _, _, ctx, res, _, _ = heapq.heappop(running)
+                _, _, ctx, res, final, _ = heapq.heappop(running)
                 ctx_total -= ctx
                 if res < kv.groups:
-                    host_free += (kv.groups - res) * cdiv(ctx + steps_done, kv.block_size)
+                    host_free += final  # its host range (sized for its end) is free
             after = held_by_running()
             # Finished requests' blocks come back, minus what the others grew by.
             free = max(free + held_total - after, 0)
@@ -280,10 +255,12 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
             )  # fmt: skip
         t += step_cost
         queue_s += step_cost
-        free -= _blocks(req.prompt_tokens, kv, resident)
-        held_total += _blocks(req.prompt_tokens, kv, resident)
+        held = held_blocks(layout, resident, req.prompt_tokens)
+        free -= held
+        held_total += held
+        final = final_blocks_per_group(layout, _total_tokens(req)) if track_growth else 0
         if resident < kv.groups:
-            host_free -= (kv.groups - resident) * cdiv(req.prompt_tokens, kv.block_size)
+            host_free -= final  # a host range of its final size
         seq += 1
         # Its context now: the prompt, growing from the next step. ``held_by_running``
         # adds ``steps_done``, so store the context relative to it.
@@ -292,7 +269,6 @@ def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) 
             running,
             (steps_done + max(req.remaining_tokens, 1), seq, req.prompt_tokens - steps_done,
              resident,
-             _final_blocks_per_group(req.prompt_tokens, req.max_tokens, kv) if track_growth else 0,
-             _lists(kv, resident)),
+             final, blocks_needed(kv.groups, resident, 1)),
         )  # fmt: skip
     raise AssertionError("unreachable: the new request is the last in the queue")

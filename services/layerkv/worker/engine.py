@@ -1,7 +1,9 @@
 """The worker's vLLM engine: settings -> engine arguments, and what the engine reports.
 
-Only public vLLM API is used here (AsyncEngineArgs, AsyncLLM, SamplingParams, the
-stat-logger interface). vLLM private internals belong in the LayerKV plug-in's adapter.
+Only public vLLM API is imported here (AsyncEngineArgs, SamplingParams); the stat-logger
+interface and the stats it receives live in vLLM's internal modules, so they come
+through the LayerKV adapter (``layerkv.plugin.vllm_adapter``), like every other vLLM
+internal.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ from typing import Any
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.sampling_params import RequestOutputKind
-from vllm.v1.metrics.loggers import StatLoggerBase
-from vllm.v1.metrics.stats import SchedulerStats
 
 from layerkv.common.requests import Sampling
 from layerkv.plugin import LayerKVSettings, LayerKVStats, engine_overrides, layerkv_stats
+from layerkv.plugin.vllm_adapter import SchedulerStats, StatLoggerBase
 from layerkv.policy.latency import OnlineLatencyModel
 
 

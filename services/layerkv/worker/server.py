@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import grpc
 import vllm
-from vllm.v1.engine.async_llm import AsyncLLM
-from vllm.v1.engine.exceptions import EngineDeadError
 
 from layerkv.common import serving
 from layerkv.common.requests import (
@@ -24,6 +22,13 @@ from layerkv.common.requests import (
     sampling_from_proto,
 )
 from layerkv.plugin import LayerKVStats
+
+# The start-up version check: importing the adapter fails, naming the supported vLLM
+# release, on any other one -- for a stock worker too. The worker's load reports are
+# built from vLLM's internal engine statistics, whose fields change between releases;
+# on another release they could silently read as zeros and mislead admission, which is
+# worse than a worker that does not start.
+from layerkv.plugin.vllm_adapter import AsyncLLM, EngineDeadError
 from layerkv.policy.latency import reported_prefill_fit
 from layerkv.v1 import common_pb2, worker_pb2
 from layerkv.worker import metrics
