@@ -11,8 +11,9 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from layerkv.admission.server import AdmissionService, AdmissionSettings, build_service
-from layerkv.admission.server import start_server as start_admission_server
+from layerkv.admission.app import AdmissionSettings, build_service
+from layerkv.admission.app import start_server as start_admission_server
+from layerkv.admission.server import AdmissionService
 from layerkv.common.serving import RunningServer
 from layerkv.v1 import admission_pb2_grpc, worker_pb2_grpc
 from layerkv.worker.engine import EngineSettings

@@ -15,8 +15,8 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from layerkv.admission.server import AdmissionSettings, build_service
-from layerkv.admission.server import start_server as start_admission_server
+from layerkv.admission.app import AdmissionSettings, build_service
+from layerkv.admission.app import start_server as start_admission_server
 from layerkv.common.slo import SloTarget
 from layerkv.common.store import MetricsStore
 from layerkv.policy.routing import ClassPolicy, MissPolicy
@@ -230,7 +230,9 @@ async def test_queued_until_kv_frees_then_admitted(admission, stub, workers):
             what="no worker to have KV for a 900-token prompt",
         )
         task = asyncio.create_task(run(stub, gen_request(900, 4, slo_class="tight")))
-        await wait_until(lambda: len(service.queue) == 1, timeout_s=10, what="it to be queued")
+        await wait_until(
+            lambda: len(service.dispatcher.queue) == 1, timeout_s=10, what="it to be queued"
+        )
         assert all(o.running() for o in held)
         for o in held:
             await o.close()
@@ -240,7 +242,7 @@ async def test_queued_until_kv_frees_then_admitted(admission, stub, workers):
         assert decisions[0].queue_position == 1
         assert decisions[1].queued_s > 0
         assert n == 4 and completion.worker in {w.address for w in workers}
-        assert len(service.queue) == 0
+        assert len(service.dispatcher.queue) == 0
     finally:
         for o in held:
             await o.close()
@@ -263,7 +265,7 @@ async def test_client_deadline_ends_a_queued_request_and_frees_its_slot(admissio
         # the bound is loose because this process also streams 16 occupier requests
         # and the whole suite shares 2 cores (6.8 s seen in one full CI run).
         assert time.monotonic() - started < 20
-        await wait_until(lambda: len(service.queue) == 0, what="the queue to drop it")
+        await wait_until(lambda: len(service.dispatcher.queue) == 0, what="the queue to drop it")
         await wait_until(lambda: not service.in_flight, what="no request left in flight")
     finally:
         for o in held:

@@ -1,6 +1,6 @@
 """The dispatch TPOT guard: a request goes only to a worker whose decoding requests'
-TPOT slack covers its prefill (``routing.worker_room``, applied in
-``AdmissionService.dispatch``). Worker state is set by hand; no network is used."""
+TPOT slack covers its prefill (``tpot_guard.worker_room``, applied in
+``Dispatcher.dispatch``). Worker state is set by hand; no network is used."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import time
 
 import pytest
 
+from layerkv.admission.dispatcher import Dispatcher, queued_request
 from layerkv.admission.outcomes import OutcomeRecorder
-from layerkv.admission.server import AdmissionService, _Rejected, _Routed
+from layerkv.admission.request_state import Rejected, Routed
+from layerkv.admission.server import AdmissionService
 from layerkv.admission.slo_classes import SloCatalog
 from layerkv.admission.workers import WorkerPool
 from layerkv.common.slo import SloTarget
@@ -20,12 +22,14 @@ from layerkv.policy.routing import (
     ClassPolicy,
     MissPolicy,
     Verdict,
-    has_room,
     prefill_reserve,
     route_verdict,
-    worker_room,
 )
 from layerkv.policy.slack import DecodeProgress
+from layerkv.policy.tpot_guard import (
+    has_room,
+    worker_room,
+)
 from layerkv.policy.ttft import TtftPrediction
 from layerkv.v1 import admission_pb2, worker_pb2
 
@@ -101,16 +105,14 @@ def test_a_request_that_can_wait_goes_only_where_its_prefill_leaves_slack_to_spa
     )
 
 
-async def service_with(
+async def dispatcher_with(
     loads: dict[str, list[tuple[str, float, int]]], queued_prompts: dict[str, int] | None = None
-) -> AdmissionService:
+) -> Dispatcher:
     """Workers with the given decoding requests: (id, TPOT target, tokens so far),
     each started 10 ms per token ago and going to 100 tokens; and optionally one
     queued prompt of the given length."""
     pool = WorkerPool(list(loads))
-    service = AdmissionService(
-        pool, SloCatalog([SloTarget("c", 1.0, 0.02)], None), OutcomeRecorder(None)
-    )
+    dispatcher = Dispatcher(pool, SloCatalog([SloTarget("c", 1.0, 0.02)], None))
     now = time.monotonic()
     for w in pool.workers:
         running = loads[w.address]
@@ -129,27 +131,27 @@ async def service_with(
             w.dispatched(rid, 100, 100, tpot)
             w.streamed(rid, tokens)
             w.local[rid].first_token_at = now - 0.01 * tokens
-    return service
+    return dispatcher
 
 
 def queued_and_dispatched(
-    service: AdmissionService, rid: str, prompt_tokens: int, ttft_s: float = 1.0
+    dispatcher: Dispatcher, rid: str, prompt_tokens: int, ttft_s: float = 1.0
 ) -> QueuedRequest:
     """A request queued, then one dispatch pass (it may go, or stay queued)."""
-    item = queued(service, rid, prompt_tokens, ttft_s)
-    service.dispatch()
+    item = queued(dispatcher, rid, prompt_tokens, ttft_s)
+    dispatcher.dispatch()
     return item
 
 
 def queued(
-    service: AdmissionService, rid: str, prompt_tokens: int, ttft_s: float = 1.0
+    dispatcher: Dispatcher, rid: str, prompt_tokens: int, ttft_s: float = 1.0
 ) -> QueuedRequest:
     now = time.monotonic()
     item = QueuedRequest(
         rid, "c", now, now + ttft_s, ttft_s, prompt_tokens=prompt_tokens, max_tokens=10,
         tpot_target_s=0.02, payload=asyncio.get_running_loop().create_future(),
     )  # fmt: skip
-    service.queue.push(item)
+    dispatcher.queue.push(item)
     return item
 
 
@@ -158,37 +160,37 @@ async def test_a_prefill_goes_to_the_worker_whose_decodes_can_absorb_it():
     # 11.5 ms target, has 99 x 11.5 - 228 - 800 = 110 ms of slack: a 1500-token
     # prefill (160 ms) would break it. "idle:1" decodes nothing but has a prompt
     # queued, so without the guard "tight:1" would predict the sooner first token.
-    service = await service_with(
+    dispatcher = await dispatcher_with(
         {"tight:1": [("t", 0.0115, 20)], "idle:1": []}, queued_prompts={"idle:1": 800}
     )
-    service.pool.workers[0].local["t"].first_token_at = time.monotonic() - 0.012 * 19
+    dispatcher.pool.workers[0].local["t"].first_token_at = time.monotonic() - 0.012 * 19
     try:
-        preds = {p.worker: p for p in service._view().predictions(1500, 10)}
+        preds = {p.worker: p for p in dispatcher.view().predictions(1500, 10)}
         assert preds["tight:1"].ttft_s < preds["idle:1"].ttft_s
         # Due in 0.4 s: too close to wait for a worker that could start it at once.
-        item = queued_and_dispatched(service, "long", 1500, ttft_s=0.4)
+        item = queued_and_dispatched(dispatcher, "long", 1500, ttft_s=0.4)
         assert item.payload.done() and item.payload.result().worker.address == "idle:1"
         # A short prompt (20 ms) fits in the tight worker's slack: either may take it.
-        small = queued_and_dispatched(service, "short", 100)
+        small = queued_and_dispatched(dispatcher, "short", 100)
         assert small.payload.done()
     finally:
-        await service.pool.close()
+        await dispatcher.pool.close()
 
 
 async def test_a_prefill_no_worker_can_absorb_waits_in_admission():
     # 30 tokens at 10 ms against 10.5 ms, 70 to go at 10 ms: 40 ms of slack each.
-    service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
+    dispatcher = await dispatcher_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
     try:
-        item = queued_and_dispatched(service, "long", 1500)
-        assert not item.payload.done() and len(service.queue) == 1
+        item = queued_and_dispatched(dispatcher, "long", 1500)
+        assert not item.payload.done() and len(dispatcher.queue) == 1
         # The decoding requests finish: it goes.
-        for w in service.pool.workers:
+        for w in dispatcher.pool.workers:
             for rid in list(w.local):
                 w.finished(rid)
-        service.dispatch()
+        dispatcher.dispatch()
         assert item.payload.done()
     finally:
-        await service.pool.close()
+        await dispatcher.pool.close()
 
 
 async def test_a_request_due_now_waits_rather_than_break_a_running_one():
@@ -196,21 +198,21 @@ async def test_a_request_due_now_waits_rather_than_break_a_running_one():
     # here) is due in 0.3 s: sent now, it would meet its own TTFT but break the TPOT
     # of a request that can still meet its SLO. It waits, past its bounded hold too,
     # until a worker has prefill room: then it goes there.
-    service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
-    service.catalog = SloCatalog(
+    dispatcher = await dispatcher_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
+    dispatcher.catalog = SloCatalog(
         [SloTarget("c", 1.0, 0.02)], None, {"c": ClassPolicy(MissPolicy.REJECT, 10.0)}
     )
     try:
-        item = queued_and_dispatched(service, "due", 1500, ttft_s=0.3)
+        item = queued_and_dispatched(dispatcher, "due", 1500, ttft_s=0.3)
         assert not item.payload.done()
-        item.arrival -= service.max_hold_factor * item.ttft_target_s
-        service.dispatch()
+        item.arrival -= dispatcher.max_hold_factor * item.ttft_target_s
+        dispatcher.dispatch()
         assert not item.payload.done()
-        service.pool.workers[1].finished("y")
-        service.dispatch()
+        dispatcher.pool.workers[1].finished("y")
+        dispatcher.dispatch()
         assert item.payload.done() and item.payload.result().worker.address == "b:1"
     finally:
-        await service.pool.close()
+        await dispatcher.pool.close()
 
 
 async def test_a_queue_class_request_due_now_goes_where_it_does_least_harm():
@@ -218,15 +220,15 @@ async def test_a_queue_class_request_due_now_goes_where_it_does_least_harm():
     # miss its own TTFT and still stall decodes later. Due in 2 s it waits for room;
     # due in 0.3 s it goes, to the worker whose tightest slack its 160 ms prefill
     # overruns least: "y" (11 ms target) has 99 x 11 - 300 - 700 = 89 ms, "x" 40 ms.
-    service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0110, 30)]})
+    dispatcher = await dispatcher_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0110, 30)]})
     try:
-        item = queued_and_dispatched(service, "due", 1500, ttft_s=2.0)
+        item = queued_and_dispatched(dispatcher, "due", 1500, ttft_s=2.0)
         assert not item.payload.done()
         item.deadline = time.monotonic() + 0.3
-        service.dispatch()
+        dispatcher.dispatch()
         assert item.payload.done() and item.payload.result().worker.address == "b:1"
     finally:
-        await service.pool.close()
+        await dispatcher.pool.close()
 
 
 def test_a_queue_class_request_that_can_no_longer_make_it_waits_for_room():
@@ -252,53 +254,53 @@ def test_a_queue_class_request_that_can_no_longer_make_it_waits_for_room():
 async def test_a_late_queue_class_request_goes_where_it_does_least_harm_after_the_hold():
     # Two tight workers, no room for a 160 ms prefill: a queue-class request already
     # past its deadline waits for room, but only for max_hold_factor x its target.
-    service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0110, 30)]})
+    dispatcher = await dispatcher_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0110, 30)]})
     try:
-        item = queued(service, "late", 1500, ttft_s=0.5)
+        item = queued(dispatcher, "late", 1500, ttft_s=0.5)
         item.deadline = time.monotonic() - 0.01
-        service.dispatch()
+        dispatcher.dispatch()
         assert not item.payload.done()
-        item.arrival -= service.max_hold_factor * item.ttft_target_s
-        service.dispatch()
+        item.arrival -= dispatcher.max_hold_factor * item.ttft_target_s
+        dispatcher.dispatch()
         assert item.payload.done() and item.payload.result().worker.address == "b:1"
     finally:
-        await service.pool.close()
+        await dispatcher.pool.close()
 
 
 async def test_a_reject_class_request_that_waited_too_long_for_room_is_rejected():
     # A reject class (factor 2) on the same two tight workers: the request waits for
     # room; once its wait + the best prediction exceed 2x its target it is refused
     # with a retry-after, not sent late into decodes it would stall.
-    service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
-    service.catalog = SloCatalog(
+    dispatcher = await dispatcher_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
+    dispatcher.catalog = SloCatalog(
         [SloTarget("c", 1.0, 0.02)], None, {"c": ClassPolicy(MissPolicy.REJECT, 2.0)}
     )
     try:
-        item = queued_and_dispatched(service, "r", 1500, ttft_s=1.0)
+        item = queued_and_dispatched(dispatcher, "r", 1500, ttft_s=1.0)
         assert not item.payload.done()
         item.arrival -= 1.9  # waited 1.9 s; + a 160 ms prefill > 2 x 1 s
-        service.dispatch()
-        assert item.payload.done() and len(service.queue) == 0
+        dispatcher.dispatch()
+        assert item.payload.done() and len(dispatcher.queue) == 0
         err = item.payload.exception()
-        assert isinstance(err, _Rejected) and err.rejection.retry_after_s > 0
+        assert isinstance(err, Rejected) and err.rejection.retry_after_s > 0
         assert "TPOT" in err.rejection.reason
     finally:
-        await service.pool.close()
+        await dispatcher.pool.close()
 
 
 async def test_requests_that_already_violate_their_slo_hold_nothing_back():
     # The same tight decodes, but on "a:1" the first token came after its TTFT
     # deadline and on "b:1" the TPOT budget is overspent (30 tokens in 0.6 s against
     # 10.5 ms): stalling them changes nothing for their SLO, so the prefill goes.
-    service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
-    a, b = service.pool.workers
+    dispatcher = await dispatcher_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
+    a, b = dispatcher.pool.workers
     a.local["x"].first_token_due = a.local["x"].first_token_at - 0.001
     b.local["y"].first_token_at = time.monotonic() - 0.6
     try:
-        item = queued_and_dispatched(service, "long", 1500)
+        item = queued_and_dispatched(dispatcher, "long", 1500)
         assert item.payload.done() and item.payload.result().worker.address == "a:1"
     finally:
-        await service.pool.close()
+        await dispatcher.pool.close()
 
 
 async def test_a_request_behind_only_at_todays_step_still_holds_prefills_back():
@@ -307,19 +309,19 @@ async def test_a_request_behind_only_at_todays_step_still_holds_prefills_back():
     # 92 ms behind at that step but 118 ms ahead at the 11 ms step it would get alone.
     # It can still make it, so a 1500-token prefill (160 ms) goes to "b:1" instead,
     # though "b:1" has a prompt queued and "a:1" would give the sooner first token.
-    service = await service_with(
+    dispatcher = await dispatcher_with(
         {"a:1": [("x", 0.012, 30), ("l1", 1.0, 30), ("l2", 1.0, 30)], "b:1": []},
         queued_prompts={"b:1": 800},
     )
-    for w in service.pool.workers:
+    for w in dispatcher.pool.workers:
         w.load.decode_step_s_per_seq = 0.001
     try:
-        preds = {p.worker: p for p in service._view().predictions(1500, 10)}
+        preds = {p.worker: p for p in dispatcher.view().predictions(1500, 10)}
         assert preds["a:1"].ttft_s < preds["b:1"].ttft_s
-        item = queued_and_dispatched(service, "long", 1500, ttft_s=0.4)
+        item = queued_and_dispatched(dispatcher, "long", 1500, ttft_s=0.4)
         assert item.payload.done() and item.payload.result().worker.address == "b:1"
     finally:
-        await service.pool.close()
+        await dispatcher.pool.close()
 
 
 async def test_a_request_sent_but_not_started_is_protected_too():
@@ -329,25 +331,25 @@ async def test_a_request_sent_but_not_started_is_protected_too():
     # less its own queued prefill (100 tokens, 20 ms). Both due soon (a class that
     # may reject, so that nothing goes without room), a 1500-token prompt (160 ms)
     # waits; a 100-token one (20 ms) goes.
-    service = await service_with({"a:1": []})
-    service.catalog = SloCatalog(
+    dispatcher = await dispatcher_with({"a:1": []})
+    dispatcher.catalog = SloCatalog(
         [SloTarget("c", 1.0, 0.02)], None, {"c": ClassPolicy(MissPolicy.REJECT, 10.0)}
     )
-    (w,) = service.pool.workers
+    (w,) = dispatcher.pool.workers
     try:
         w.dispatched("p", 100, 100, 0.0115, first_token_due=time.monotonic() + 1.0)
-        long = queued_and_dispatched(service, "long", 1500, ttft_s=0.4)
+        long = queued_and_dispatched(dispatcher, "long", 1500, ttft_s=0.4)
         assert not long.payload.done()
-        short = queued_and_dispatched(service, "short", 100, ttft_s=0.3)
+        short = queued_and_dispatched(dispatcher, "short", 100, ttft_s=0.3)
         assert short.payload.done() and short.payload.result().worker is w
         w.finished("short")
         # Its first token is due and not there: it has missed its SLO, and holds
         # nothing back any more.
         w.local["p"].first_token_due = time.monotonic() - 0.001
-        service.dispatch()
+        dispatcher.dispatch()
         assert long.payload.done() and long.payload.result().worker is w
     finally:
-        await service.pool.close()
+        await dispatcher.pool.close()
 
 
 def stream_at(w, rid: str, tokens: int, interval_s: float) -> None:
@@ -364,36 +366,36 @@ async def test_the_room_uses_the_cadence_tokens_stream_at():
     # tokens stream 15 ms apart (0.435 s so far; 1.5x the engine's step) the 70 to go
     # take 1.05 s, the slack is 495 ms: a 6000-token prompt waits, a 1500-token one
     # (160 ms) goes.
-    service = await service_with({"a:1": []})
-    (w,) = service.pool.workers
+    dispatcher = await dispatcher_with({"a:1": []})
+    (w,) = dispatcher.pool.workers
     try:
         w.dispatched("x", 100, 100, 0.020)
         w.streamed("x", 1, now=time.monotonic() - 0.29)  # first token: no interval yet
         w.local["x"].first_token_at = time.monotonic() - 0.29
         w.local["x"].output_tokens = 30
-        big = queued_and_dispatched(service, "big", 6000)
+        big = queued_and_dispatched(dispatcher, "big", 6000)
         assert big.payload.done()
         w.local.pop("big")
         w.dispatched("x", 100, 100, 0.020)
         stream_at(w, "x", 30, 0.015)
-        again = queued_and_dispatched(service, "big2", 6000)
+        again = queued_and_dispatched(dispatcher, "big2", 6000)
         assert not again.payload.done()
-        small = queued_and_dispatched(service, "small", 1500)
+        small = queued_and_dispatched(dispatcher, "small", 1500)
         assert small.payload.done()
     finally:
-        await service.pool.close()
+        await dispatcher.pool.close()
 
 
-async def streaming_past_its_budget(interval_s: float) -> AdmissionService:
+async def streaming_past_its_budget(interval_s: float) -> Dispatcher:
     """One worker (engine step 10 ms + 2 ms per sequence) where "x", against a 10 ms
     TPOT target, has streamed 30 tokens ``interval_s`` apart: unprotected, so any
     prefill fits, and the step there is as slow as its tokens came."""
-    service = await service_with({"a:1": []})
-    (w,) = service.pool.workers
+    dispatcher = await dispatcher_with({"a:1": []})
+    (w,) = dispatcher.pool.workers
     w.load.decode_step_s_per_seq = 0.002
     w.dispatched("x", 100, 100, 0.010)
     stream_at(w, "x", 30, interval_s)
-    return service
+    return dispatcher
 
 
 async def test_a_request_waits_where_the_decode_step_is_too_slow_for_its_own_target():
@@ -401,18 +403,18 @@ async def test_a_request_waits_where_the_decode_step_is_too_slow_for_its_own_tar
     # TPOT budget (unprotected: any prefill fits), but its tokens stream 18 ms apart,
     # 1.5x the engine's 12 ms step for one sequence: with one more, every step takes
     # 1.5 x 14 = 21 ms, more than 0.8 of a new request's 20 ms target. It waits.
-    service = await streaming_past_its_budget(0.018)
-    (w,) = service.pool.workers
+    dispatcher = await streaming_past_its_budget(0.018)
+    (w,) = dispatcher.pool.workers
     try:
-        item = queued_and_dispatched(service, "short", 100)
+        item = queued_and_dispatched(dispatcher, "short", 100)
         assert not item.payload.done()
         # The slow decode ends. Alone there it would step 1.5 x 12 = 18 ms, still over
         # 0.8 x 20 ms, but no worker does better than idle: holding it gains nothing.
         w.finished("x")
-        service.dispatch()
+        dispatcher.dispatch()
         assert item.payload.done()
     finally:
-        await service.pool.close()
+        await dispatcher.pool.close()
 
 
 async def test_a_request_due_now_takes_a_step_that_meets_its_own_target():
@@ -420,24 +422,26 @@ async def test_a_request_due_now_takes_a_step_that_meets_its_own_target():
     # 15 ms apart, 1.25x the engine's 12 ms: with one more decode every step takes
     # 1.25 x 14 = 17.5 ms, over 0.8 of a new request's 20 ms target, under the target
     # itself. Due in 2 s, the request waits for a better moment; due now, it goes.
-    service = await streaming_past_its_budget(0.015)
+    dispatcher = await streaming_past_its_budget(0.015)
     try:
-        item = queued_and_dispatched(service, "short", 100, ttft_s=2.0)
+        item = queued_and_dispatched(dispatcher, "short", 100, ttft_s=2.0)
         assert not item.payload.done()
         item.deadline = time.monotonic() + 0.2
-        service.dispatch()
+        dispatcher.dispatch()
         assert item.payload.done()
     finally:
-        await service.pool.close()
+        await dispatcher.pool.close()
 
 
-async def route(service: AdmissionService, rid: str, prompt_tokens: int) -> list:
-    """What ``_route`` yields for a new request with nothing ahead of it, up to the
+async def route(dispatcher: Dispatcher, rid: str, prompt_tokens: int) -> list:
+    """What ``route`` yields for a new request with nothing ahead of it, up to the
     point where it would wait for a dispatch pass."""
-    target = service.catalog.get("c")
-    steps = service._route(rid, target, ClassPolicy(), prompt_tokens, 10, 0, None, time.monotonic())
+    target = dispatcher.catalog.get("c")
+    steps = dispatcher.route(
+        queued_request(rid, target, prompt_tokens, 10, 0, None, time.monotonic())
+    )
     out = [await anext(steps)]
-    if not isinstance(out[0], _Routed):
+    if not isinstance(out[0], Routed):
         await steps.aclose()  # leaves the queue as it found it
     return out
 
@@ -445,17 +449,17 @@ async def route(service: AdmissionService, rid: str, prompt_tokens: int) -> list
 async def test_an_arrival_with_an_empty_queue_is_decided_as_a_dispatch_pass_would():
     # The fast path (empty queue: decided without queueing) keeps the guard: the
     # 1500-token prompt no worker can absorb is held (QUEUED), the 100-token one goes.
-    service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
+    dispatcher = await dispatcher_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
     try:
-        (held,) = await route(service, "long", 1500)
-        assert not isinstance(held, _Routed)
+        (held,) = await route(dispatcher, "long", 1500)
+        assert not isinstance(held, Routed)
         assert held.kind == admission_pb2.DECISION_KIND_QUEUED
-        assert len(service.queue) == 0 and "long" not in service.pool.workers[0].local
-        (sent,) = await route(service, "short", 100)
-        assert isinstance(sent, _Routed) and sent.queued_s >= 0
-        assert "short" in sent.worker.local and len(service.queue) == 0
+        assert len(dispatcher.queue) == 0 and "long" not in dispatcher.pool.workers[0].local
+        (sent,) = await route(dispatcher, "short", 100)
+        assert isinstance(sent, Routed) and sent.queued_s >= 0
+        assert "short" in sent.worker.local and len(dispatcher.queue) == 0
     finally:
-        await service.pool.close()
+        await dispatcher.pool.close()
 
 
 class _DryRunContext:
@@ -472,7 +476,8 @@ async def test_the_dry_run_answers_as_the_request_would_be_decided():
     # Predict applies the guard as Generate does: on the same two tight workers the
     # 1500-token prompt would be held (QUEUED), the 100-token one sent (ADMITTED);
     # nothing is queued or sent by asking.
-    service = await service_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
+    dispatcher = await dispatcher_with({"a:1": [("x", 0.0105, 30)], "b:1": [("y", 0.0105, 30)]})
+    service = AdmissionService(dispatcher, OutcomeRecorder(None))
     try:
 
         async def dry_run(prompt_tokens: int) -> admission_pb2.Decision:
@@ -486,7 +491,7 @@ async def test_the_dry_run_answers_as_the_request_would_be_decided():
         assert "TPOT" in held.reason and held.predicted_ttft_s > 0
         sent = await dry_run(100)
         assert sent.kind == admission_pb2.DECISION_KIND_ADMITTED and sent.worker
-        assert len(service.queue) == 0
-        assert all(set(w.local) <= {"x", "y"} for w in service.pool.workers)
+        assert len(dispatcher.queue) == 0
+        assert all(set(w.local) <= {"x", "y"} for w in dispatcher.pool.workers)
     finally:
-        await service.pool.close()
+        await dispatcher.pool.close()

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from layerkv.admission.workers import WorkerEndpoint, resolve
+from layerkv.admission.worker_state import WorkerEndpoint
+from layerkv.admission.workers import resolve
 from layerkv.policy.latency import LatencyCoefficients
 from layerkv.v1 import worker_pb2
 

