@@ -71,9 +71,8 @@ class Relay:
             measured.worker = worker.address
             if admitted is not None:
                 # After the call is started: a yield waits for its write to finish, and
-                # the request to the worker should not wait behind it. (Waiting until
-                # the request was sent, ``call.wait_for_connection()``, measured 0.12 ms
-                # slower p50 over 1,500 requests.)
+                # the request to the worker should not wait behind it
+                # (docs/decisions/0004-hot-path-costs.md).
                 yield admitted()
                 admitted = None
             try:

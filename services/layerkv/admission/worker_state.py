@@ -242,8 +242,7 @@ class WorkerEndpoint:
         A request sent but not started yet counts as if its first token came ``now``
         (the soonest it can): every prefill sent here after it will run after its own
         and stall its decode. Left out until its first token, it was unprotected
-        exactly while new prefills landed on it (counting it: violations 0.224 ->
-        0.173 against round-robin's 0.364, one A-B-B-A run at 2.4 x capacity)."""
+        exactly while new prefills landed on it (docs/decisions/0001-tpot-guard.md)."""
         progress = []
         for r in self.local.values():
             if r.started:

@@ -52,9 +52,8 @@ _OUTCOME_FIELDS = tuple(f.name for f in fields(RequestOutcome))
 # TTL, class, finished_at, n, n field/value pairs of the record, m, m integer
 # increments of the bucket (field, by), then float increments (field, by) to the end.
 # Server-side because the admission service writes an outcome per request: one command
-# instead of ~15 cut the client-side CPU per outcome from 0.19 to 0.09 ms alone and
-# 0.04 ms in batches of 16 (1000 outcomes to a local Redis), CPU taken from the
-# requests the same process serves.
+# instead of ~15, batched, is CPU not taken from the requests the same process serves
+# (docs/decisions/0004-hot-path-costs.md).
 _RECORD_OUTCOME_LUA = """
 local i = 6
 local rec = {}

@@ -82,8 +82,8 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # the scheduler process plus one more whenever a KV connector is configured (NIXL runs
 # its transfer thread there). LayerKV's copies run on the model thread itself, so that
 # second core is not needed; reserving it took the last free core on a 2-core machine,
-# and vLLM then bound its compute threads to *every* core (measured: the model-runner
-# process at 170-180% CPU, one compute thread spinning on the core the frontend uses).
+# and vLLM then bound its compute threads to *every* core, one of them spinning on the
+# frontend's core (docs/decisions/0003-cpu-placement.md).
 CPU_RESERVED_CORES_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 
 

@@ -67,7 +67,7 @@ class LatencyCoefficients:
 
 # Prefill-dominated engine steps the LayerKV plug-in's own fit needs before a worker
 # reports it instead of the per-request fit: below that the plug-in answers with its
-# priors (set for a GPU, 3-5x off on a CPU) or a fit of a handful of prompt lengths.
+# priors (set for a GPU, far off on a CPU) or a fit of a handful of prompt lengths.
 ENGINE_FIT_MIN_SAMPLES = 16
 
 

@@ -139,8 +139,8 @@ def engine_cpus(workers: int) -> list[str | None]:
 
     vLLM's CPU backend pins every engine's compute thread to the same first core by
     default ("auto" binding, the other cores kept for the frontend). Two engines on one
-    machine then share that core and starve each other: measured here, an idle engine
-    took 4.4 s to start a request while the other computed. In Kubernetes each worker
+    machine then share that core and starve each other
+    (docs/decisions/0003-cpu-placement.md). In Kubernetes each worker
     pod has its own CPUs, so this only matters for several workers on one machine
     (:func:`start_worker` then confines each worker's processes to its set, as a pod's
     cpuset would)."""
@@ -166,10 +166,8 @@ def start_worker(
     """A worker process. ``cpus`` (see :func:`engine_cpus`) pins its engine's compute
     threads, and confines all its processes to those CPUs, as a Kubernetes pod's
     cpuset does: its engine core process busy-polls the model process through shared
-    memory (vLLM's ``SpinCondition``, ~60% of a core measured while it computes), and
-    left free to roam that spinning lands on the other engine's core. Measured with two
-    engines at 4.8 req/s of the bench's mixed workload: interactive TTFT p90 0.42 s and
-    TPOT p90 24 ms unconfined, 55 ms and 9.4 ms confined."""
+    memory (vLLM's ``SpinCondition``), and left free to roam that spinning lands on the
+    other engine's core (docs/decisions/0003-cpu-placement.md)."""
     argv = [
         sys.executable, "-m", "layerkv.worker",
         "--model", model,

@@ -257,8 +257,9 @@ async def start_server(service: WorkerService, host: str, port: int) -> serving.
 def freeze_startup_heap() -> None:
     """Move everything allocated while loading (torch, vLLM, the engine client: ~600k
     objects) out of the garbage collector's reach, as vLLM's own API server does.
-    Without it every full collection walks them all: measured 0.37-0.81 s pauses of this
-    process mid-run, during which no token reached any client."""
+    Without it every full collection walks them all, pausing this process mid-run for
+    hundreds of milliseconds with no token reaching any client
+    (docs/decisions/0004-hot-path-costs.md)."""
     gc.collect()
     gc.freeze()
 
