@@ -139,136 +139,179 @@ def _total_tokens(req: RequestLoad) -> int:
 
 
 def predict_ttft(snap: WorkerSnapshot, prompt_tokens: int, max_tokens: int = 1) -> TtftPrediction:
-    """Predicted TTFT of a new request on ``snap``'s worker (see the module doc)."""
-    kv, lat = snap.kv, snap.latency
-    load = len(snap.running) + len(snap.waiting)
-    free = kv.blocks_free
-    host_free = kv.host_blocks_free
-    t = 0.0
-    # Running requests: (steps until finished, seq, context tokens, resident groups,
-    # blocks per group at their end, block lists held: see sizing.blocks_needed).
-    # Blocks held are derived from the context, so decode growth is accounted for.
-    # Their final blocks matter only to LayerKV's sizing (``growth``).
-    layout = kv.layout
-    track_growth = layout.layerkv
-    running: list[tuple[int, int, int, int, int, int]] = []
-    for i, r in enumerate(snap.running):
-        ctx = r.prompt_tokens + r.output_tokens
-        final = final_blocks_per_group(layout, _total_tokens(r)) if track_growth else 0
-        resident = kv.groups - min(r.offloaded_groups, kv.groups)
-        lists = blocks_needed(kv.groups, resident, 1)
-        running.append((max(r.remaining_tokens, 1), i, ctx, resident, final, lists))
-    heapq.heapify(running)
-    steps_done = 0  # decode steps simulated so far (shared by all running)
+    """Predicted TTFT of a new request on ``snap``'s worker (see the module doc): the
+    engine replayed forward until the new request, last in its queue, starts."""
+    replay = _Replay(snap)
     queue = [*snap.waiting, RequestLoad(prompt_tokens, max_tokens, request_id="\0new")]
-    queue_s = kv_wait_s = 0.0
-    seq = len(running)
-    batch_tokens = 0  # prompt tokens in the current prefill step
-    step_open = False
-    step_start = 0.0
+    last = len(queue) - 1
+    for qi, req in enumerate(queue):
+        resident = replay.wait_until_it_can_start(req, queue[qi + 1] if qi < last else None)
+        if resident is None:
+            # Nothing will free blocks: the prompt can never fit. Start it anyway (the
+            # engine decides; vLLM refuses it at validation).
+            if qi == last:
+                return replay.never_fits(req)
+            resident = snap.kv.groups
+        cost = replay.join_prefill_step(req, head=qi == 0)
+        if qi == last:
+            return replay.prediction(resident, cost)
+        replay.start(req, resident, cost)
+    raise AssertionError("unreachable: the new request is the last in the queue")
 
-    bs = kv.block_size
 
-    def held_by_running() -> int:
+class _Replay:
+    """One worker's engine replayed forward in time: running requests decode and finish
+    (freeing their blocks), waiting ones start in FIFO order once
+    :func:`~layerkv.policy.residency.plan_residency` lets them, consecutive prefills
+    sharing a step up to the token budget. Plain attributes and inlined arithmetic:
+    every decision runs this once per worker."""
+
+    __slots__ = (
+        "address", "batch_tokens", "bs", "ctx_total", "free", "groups", "held_total",
+        "host_free", "kv", "kv_wait_s", "lat", "layout", "load", "max_batched",
+        "max_num_seqs", "overhead_s", "queue_s", "running", "seq", "step_open",
+        "step_start", "steps_done", "t", "track_growth",
+    )  # fmt: skip
+
+    def __init__(self, snap: WorkerSnapshot) -> None:
+        kv = self.kv = snap.kv
+        self.lat = snap.latency
+        self.layout = kv.layout
+        self.groups = kv.groups
+        self.bs = kv.block_size
+        self.address, self.overhead_s = snap.address, snap.overhead_s
+        self.max_num_seqs, self.max_batched = snap.max_num_seqs, snap.max_batched_tokens
+        self.load = len(snap.running) + len(snap.waiting)
+        self.free = kv.blocks_free
+        self.host_free = kv.host_blocks_free
+        # Blocks per group at their end matter only to LayerKV's sizing (growth).
+        self.track_growth = self.layout.layerkv
+        # Running requests, a heap of (step it finishes at, seq, context at step 0,
+        # resident groups, blocks per group at its end, block lists it holds). Blocks
+        # held follow from the context, so decode growth is accounted for.
+        self.running: list[tuple[int, int, int, int, int, int]] = []
+        for i, r in enumerate(snap.running):
+            resident = kv.groups - min(r.offloaded_groups, kv.groups)
+            final = (
+                final_blocks_per_group(self.layout, _total_tokens(r)) if self.track_growth else 0
+            )
+            lists = blocks_needed(kv.groups, resident, 1)
+            ctx = r.prompt_tokens + r.output_tokens
+            self.running.append((max(r.remaining_tokens, 1), i, ctx, resident, final, lists))
+        heapq.heapify(self.running)
+        self.seq = len(self.running)
+        self.steps_done = 0  # decode steps replayed so far (shared by all running)
+        self.t = self.queue_s = self.kv_wait_s = 0.0
+        self.step_open = False  # a prefill step later starts may still join
+        self.step_start = 0.0
+        self.batch_tokens = 0  # prompt tokens in that step
+        self.held_total = self.held_by_running()
+        # Context the running requests hold (decode steps read it): their contexts at
+        # step 0 plus one token each per step replayed.
+        self.ctx_total = sum(entry[2] for entry in self.running)
+
+    def held_by_running(self) -> int:
         # held_blocks(layout, resident, ctx + steps_done) of each, inlined: this sum
         # runs after every request the replay finishes, the hot part of a decision.
-        s = steps_done
-        return sum(lists * (-(-(ctx + s) // bs) or 1) for _, _, ctx, _, _, lists in running)
+        s, bs = self.steps_done, self.bs
+        return sum(lists * (-(-(ctx + s) // bs) or 1) for _, _, ctx, _, _, lists in self.running)
 
-    held_total = held_by_running()
-    # Context the running requests hold (decode steps read it): their stored contexts
-    # plus one token each per step simulated.
-    ctx_total = sum(entry[2] for entry in running)
-
-    def growth() -> int:
+    def growth(self) -> int:
         """Blocks the running requests will still take until their ``max_tokens``."""
-        if not track_growth:
-            return 0
-        s = steps_done
-        return sum(growth_blocks(layout, r, final, ctx + s) for _, _, ctx, r, final, _ in running)
+        s, layout = self.steps_done, self.layout
+        return sum(growth_blocks(layout, r, f, ctx + s) for _, _, ctx, r, f, _ in self.running)
 
-    for qi, req in enumerate(queue):
-        is_new = qi == len(queue) - 1
-        following = queue[qi + 1] if qi + 1 < len(queue) else None
-        needs_all = held_blocks(layout, kv.groups, req.prompt_tokens)
+    def wait_until_it_can_start(
+        self, req: RequestLoad, following: RequestLoad | None
+    ) -> int | None:
+        """Replay decode steps until ``req`` can start; its resident groups, or None
+        when no running request is left to free blocks and it still cannot."""
+        needs_all = held_blocks(self.layout, self.groups, req.prompt_tokens)
         while True:
-            if track_growth:
-                resident = _plan(req, free, growth(), host_free, kv, following)
+            if self.track_growth:
+                resident = _plan(req, self.free, self.growth(), self.host_free, self.kv, following)
             else:  # plan_residency's stock rule (all groups once they fit), in the hot loop
-                resident = kv.groups if needs_all <= free else None
-            if resident is not None and len(running) < snap.max_num_seqs:
-                break
-            if not running:
-                # Nothing will free blocks: the prompt can never fit. Start it anyway
-                # (the engine decides; vLLM refuses it at validation).
-                resident = kv.groups
-                if is_new:
-                    pf = lat.prefill_s(req.prompt_tokens)
-                    return TtftPrediction(
-                        snap.address, t + pf + snap.overhead_s, queue_s, kv_wait_s, pf,
-                        resident, fits=False, load=load,
-                    )  # fmt: skip
-                break
-            # Wait for the next running request to finish.
-            step_open = False
-            k = running[0][0] - steps_done
-            # k steps, the context growing by one token per request each: their mean.
-            n = len(running)
-            dt = k * lat.decode_step(n, ctx_total + n * (steps_done + (k - 1) / 2))
-            steps_done += k
-            t += dt
-            kv_wait_s += dt
-            while running and running[0][0] <= steps_done:
-                _, _, ctx, res, final, _ = heapq.heappop(running)
-                ctx_total -= ctx
-                if res < kv.groups:
-                    host_free += final  # its host range (sized for its end) is free
-            after = held_by_running()
-            # Finished requests' blocks come back, minus what the others grew by.
-            free = max(free + held_total - after, 0)
-            held_total = after
+                resident = self.groups if needs_all <= self.free else None
+            if resident is not None and len(self.running) < self.max_num_seqs:
+                return resident
+            if not self.running:
+                return None
+            self.wait_for_next_finish()
 
-        # Start ``req``: prefills of consecutive starts share a step up to the budget.
-        if not step_open or batch_tokens + req.prompt_tokens > snap.max_batched_tokens:
-            step_open = True
-            batch_tokens = 0
-            step_start = t
-            step_cost = lat.prefill_s(req.prompt_tokens)
+    def wait_for_next_finish(self) -> None:
+        running, lat = self.running, self.lat
+        self.step_open = False
+        k = running[0][0] - self.steps_done
+        n = len(running)
+        # k steps, the context growing by one token per request each: their mean.
+        dt = k * lat.decode_step(n, self.ctx_total + n * (self.steps_done + (k - 1) / 2))
+        self.steps_done += k
+        self.t += dt
+        self.kv_wait_s += dt
+        while running and running[0][0] <= self.steps_done:
+            _, _, ctx, res, final, _ = heapq.heappop(running)
+            self.ctx_total -= ctx
+            if res < self.groups:
+                self.host_free += final  # its host range (sized for its end) is free
+        after = self.held_by_running()
+        # Finished requests' blocks come back, minus what the others grew by.
+        self.free = max(self.free + self.held_total - after, 0)
+        self.held_total = after
+
+    def join_prefill_step(self, req: RequestLoad, head: bool) -> float:
+        """What starting ``req`` now adds to the replay's clock: prefills of consecutive
+        starts share a step up to the token budget, and the step also advances every
+        running request by one token."""
+        lat, p = self.lat, req.prompt_tokens
+        if not self.step_open or self.batch_tokens + p > self.max_batched:
+            self.step_open = True
+            self.batch_tokens = 0
+            self.step_start = self.t
+            cost = lat.prefill_s(p)
         else:
-            step_cost = lat.prefill_added_s(req.prompt_tokens)
-        batch_tokens += req.prompt_tokens
-        # The step also advances every running request by one token.
-        step_cost += lat.decode_step_s_per_seq * len(running)
-        step_cost += lat.decode_step_s_per_token * (ctx_total + steps_done * len(running))
-        if qi == 0 and t == 0.0 and req.sent_s_ago > snap.overhead_s:
+            cost = lat.prefill_added_s(p)
+        self.batch_tokens += p
+        n = len(self.running)
+        cost += lat.decode_step_s_per_seq * n
+        cost += lat.decode_step_s_per_token * (self.ctx_total + self.steps_done * n)
+        if head and self.t == 0.0 and req.sent_s_ago > self.overhead_s:
             # The head of the queue could start at once: it has been in its step since
             # it reached the engine, and that step takes no one else now.
-            step_cost = max(step_cost - (req.sent_s_ago - snap.overhead_s), 0.0)
-            step_open = False
-        if is_new:
-            # It starts with the step it joins: what comes before that step is waiting,
-            # the whole step (shared with the prefills batched with it) is its prefill.
-            end = t + step_cost
-            return TtftPrediction(
-                snap.address, end + snap.overhead_s, max(step_start - kv_wait_s, 0.0),
-                kv_wait_s, end - step_start, resident, load=load,
-            )  # fmt: skip
-        t += step_cost
-        queue_s += step_cost
-        held = held_blocks(layout, resident, req.prompt_tokens)
-        free -= held
-        held_total += held
-        final = final_blocks_per_group(layout, _total_tokens(req)) if track_growth else 0
-        if resident < kv.groups:
-            host_free -= final  # a host range of its final size
-        seq += 1
-        # Its context now: the prompt, growing from the next step. ``held_by_running``
-        # adds ``steps_done``, so store the context relative to it.
-        ctx_total += req.prompt_tokens - steps_done
-        heapq.heappush(
-            running,
-            (steps_done + max(req.remaining_tokens, 1), seq, req.prompt_tokens - steps_done,
-             resident,
-             final, blocks_needed(kv.groups, resident, 1)),
+            cost = max(cost - (req.sent_s_ago - self.overhead_s), 0.0)
+            self.step_open = False
+        return cost
+
+    def start(self, req: RequestLoad, resident: int, cost: float) -> None:
+        """``req`` (ahead of the new request) runs from now on."""
+        self.t += cost
+        self.queue_s += cost
+        held = held_blocks(self.layout, resident, req.prompt_tokens)
+        self.free -= held
+        self.held_total += held
+        final = final_blocks_per_group(self.layout, _total_tokens(req)) if self.track_growth else 0
+        if resident < self.groups:
+            self.host_free -= final  # a host range of its final size
+        self.seq += 1
+        # Its context now: the prompt, growing from the next step. held_by_running adds
+        # steps_done, so store the context relative to it.
+        self.ctx_total += req.prompt_tokens - self.steps_done
+        entry = (self.steps_done + max(req.remaining_tokens, 1), self.seq,
+                 req.prompt_tokens - self.steps_done, resident, final,
+                 blocks_needed(self.groups, resident, 1))  # fmt: skip
+        heapq.heappush(self.running, entry)
+
+    def prediction(self, resident: int, cost: float) -> TtftPrediction:
+        """The new request starts with the step it joins: what comes before that step is
+        waiting, the whole step (shared with the prefills batched with it) its prefill."""
+        end = self.t + cost
+        return TtftPrediction(
+            self.address, end + self.overhead_s, max(self.step_start - self.kv_wait_s, 0.0),
+            self.kv_wait_s, end - self.step_start, resident, load=self.load,
         )  # fmt: skip
-    raise AssertionError("unreachable: the new request is the last in the queue")
+
+    def never_fits(self, req: RequestLoad) -> TtftPrediction:
+        pf = self.lat.prefill_s(req.prompt_tokens)
+        return TtftPrediction(
+            self.address, self.t + pf + self.overhead_s, self.queue_s, self.kv_wait_s, pf,
+            self.groups, fits=False, load=self.load,
+        )  # fmt: skip
