@@ -84,36 +84,50 @@ def reported_prefill_fit(
     return (per_request.prefill_a_s, per_request.prefill_b_s, per_request.prefill_c_s)
 
 
-def least_squares_nonneg(
+def least_squares(
     rows: list[list[float]], ys: list[float], ridge: float = 1e-9
 ) -> list[float] | None:
-    """Least squares ``X w ~ y`` with ``w >= 0``, by dropping the most negative
-    coefficient and refitting (exact for the 2-3 features used here). Columns are
-    scaled to unit magnitude first, so P and P^2 (up to ~1e7) stay well conditioned."""
+    """Least squares ``X w ~ y``; None when the system is singular. Columns are scaled
+    to unit magnitude first, so P and P^2 (up to ~1e7) stay well conditioned."""
     if not rows:
         return None
     k = len(rows[0])
     scale = [max(max(abs(r[j]) for r in rows), 1e-12) for j in range(k)]
+    xtx = [[0.0] * k for _ in range(k)]
+    xty = [0.0] * k
+    for r, y in zip(rows, ys, strict=True):
+        x = [r[j] / scale[j] for j in range(k)]
+        for i, xi in enumerate(x):
+            xty[i] += xi * y
+            for j, xj in enumerate(x):
+                xtx[i][j] += xi * xj
+    for i in range(k):
+        xtx[i][i] += ridge
+    w = solve_linear(xtx, xty)
+    return None if w is None else [w[j] / scale[j] for j in range(k)]
+
+
+def least_squares_nonneg(
+    rows: list[list[float]], ys: list[float], ridge: float = 1e-9
+) -> list[float] | None:
+    """:func:`least_squares` with ``w >= 0``, by dropping the most negative coefficient
+    and refitting (exact for the 2-3 features used here)."""
+    if not rows:
+        return None
+    k = len(rows[0])
+    # "Most negative" in unit-magnitude columns: coefficients of P^2 are tiny in
+    # seconds per token squared, and would never look the most negative.
+    scale = [max(max(abs(r[j]) for r in rows), 1e-12) for j in range(k)]
     active = list(range(k))
     while active:
-        xtx = [[0.0] * len(active) for _ in active]
-        xty = [0.0] * len(active)
-        for r, y in zip(rows, ys, strict=True):
-            x = [r[j] / scale[j] for j in active]
-            for i, xi in enumerate(x):
-                xty[i] += xi * y
-                for j, xj in enumerate(x):
-                    xtx[i][j] += xi * xj
-        for i in range(len(active)):
-            xtx[i][i] += ridge
-        w = solve_linear(xtx, xty)
+        w = least_squares([[r[j] for j in active] for r in rows], ys, ridge)
         if w is None:
             return None
-        worst = min(range(len(w)), key=lambda i: w[i])
+        worst = min(range(len(w)), key=lambda i: w[i] * scale[active[i]])
         if w[worst] >= 0:
             out = [0.0] * k
             for i, j in enumerate(active):
-                out[j] = w[i] / scale[j]
+                out[j] = w[i]
             return out
         active.pop(worst)
     return [0.0] * k
@@ -335,9 +349,15 @@ class OnlineStepTimeModel:
         samples = self._samples
         if len(samples) < self._min_samples or len({s[0] for s in samples}) < 3:
             return self._prior
-        w = least_squares_nonneg(
-            [[1.0, tokens, pairs] for tokens, pairs, _ in samples], [s for _, _, s in samples]
-        )
-        if w is None:
-            return self._prior
-        return PrefillCoefficients(a=w[0], b=w[1], c=w[2])
+        ys = [secs for _, _, secs in samples]
+        full = least_squares([[1.0, tokens, pairs] for tokens, pairs, _ in samples], ys)
+        if full is not None and full[1] >= 0 and full[2] >= 0:
+            return PrefillCoefficients(max(full[0], 0.0), full[1], full[2])
+        # A negative term would predict shorter prefills for longer prompts; drop the
+        # quadratic term (the weakest-determined one) and refit. Unlike the worker's
+        # fit, the intercept is clipped rather than dropped: the engine's slack gate was
+        # tuned with this rule (docs/decisions/0002-step-time-model.md).
+        linear = least_squares([[1.0, tokens] for tokens, _, _ in samples], ys)
+        if linear is not None and linear[1] >= 0:
+            return PrefillCoefficients(max(linear[0], 0.0), linear[1], 0.0)
+        return self._prior
