@@ -267,3 +267,16 @@ def test_residency_leaving_room():
     assert residency_leaving_room(90, 8, 10, 10, 1, next_requests=2) == 4
     assert residency_leaving_room(200, 8, 10, 10, 1, next_requests=2) is None
     assert residency_leaving_room(90, 8, 10, 10, 1, next_requests=0) is None
+
+
+def test_step_time_model_clips_a_negative_intercept_and_keeps_the_slopes():
+    """The engine-side fit's own rule (its slack gate was tuned with it): a negative
+    intercept is clipped to 0, the slopes of the full fit are kept (dropping the
+    intercept and refitting, the worker's rule, would lower every prediction)."""
+    model = OnlineStepTimeModel(PrefillCoefficients(0.5, 0.0, 0.0), prior_decode_step_s=0.02)
+    for p in range(200, 2001, 150):
+        model.observe(p, p * p, -0.005 + 1e-4 * p + 1e-8 * p * p, decode_only=False)
+    c = model.coefficients
+    assert c.a == 0.0
+    assert c.b == pytest.approx(1e-4, rel=1e-6)
+    assert c.c == pytest.approx(1e-8, rel=1e-6)
